@@ -1,0 +1,188 @@
+"""CIFAR-10 (or its offline synthetic stand-in), augmentation and data loaders.
+
+Both data sets are read by torchvision's CIFAR10 class from a `cifar-10-batches-py` folder:
+CIFAR-10 from DATA_DIR (downloaded when missing), the synthetic set from DATA_DIR/synthetic,
+which this module writes in the same pickled format.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import tempfile
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torchvision import datasets, transforms, utils
+
+from user_input import ConfigError
+
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)  # reproduction, Table 3
+CIFAR10_STD = (0.2023, 0.1994, 0.2010)
+FOLDER = "cifar-10-batches-py"
+TRAIN_FILES = [f"data_batch_{i}" for i in range(1, 6)]
+
+# Synthetic classes: sinusoidal stripes told apart by orientation and frequency (cycles per image).
+# Random phase makes every pixel's distribution the same in all classes, so no single pixel
+# separates them; "diagonal" is +-45 degrees at random, so a horizontal flip keeps the class.
+SYNTHETIC_CLASSES = [(orientation, cycles) for cycles in (2, 3.5, 6, 9)
+                     for orientation in ("horizontal", "vertical", "diagonal")][:10]
+SYNTHETIC_VERSION = 1  # bump when the generator changes, so old files are rewritten
+
+
+def train_transform() -> transforms.Compose:
+    """Pad 4 + random 32x32 crop, horizontal flip p = 0.5, normalise (reproduction, Table 3)."""
+    return transforms.Compose([
+        transforms.RandomCrop(32, padding=4),
+        transforms.RandomHorizontalFlip(p=0.5),
+        transforms.ToTensor(),
+        transforms.Normalize(CIFAR10_MEAN, CIFAR10_STD),
+    ])
+
+
+def test_transform() -> transforms.Compose:
+    return transforms.Compose([transforms.ToTensor(), transforms.Normalize(CIFAR10_MEAN, CIFAR10_STD)])
+
+
+class SyntheticCIFAR10(datasets.CIFAR10):
+    """torchvision's CIFAR10 reader for files this module wrote: same format, no md5 to check."""
+
+    train_list = [[name, None] for name in TRAIN_FILES]
+    test_list = [["test_batch", None]]
+    meta = {"filename": "batches.meta", "key": "label_names", "md5": None}
+
+
+def _stripes(rng: np.random.Generator, label: int, count: int) -> np.ndarray:
+    """`count` images of class `label` as uint8 [count, 3, 32, 32]."""
+    orientation, cycles = SYNTHETIC_CLASSES[label]
+    angle = {"horizontal": 0.0, "vertical": 90.0}.get(orientation)
+    angles = np.full(count, angle) if angle is not None else rng.choice([45.0, 135.0], count)
+    theta = np.deg2rad(angles + rng.uniform(-8, 8, count))[:, None, None]              # N, 1, 1
+    freq = (2 * np.pi * cycles / 32 * rng.uniform(0.9, 1.1, count))[:, None, None]      # N, 1, 1
+    phase = rng.uniform(0, 2 * np.pi, count)[:, None, None]                             # N, 1, 1
+    y, x = np.mgrid[0:32, 0:32]                                                         # 32, 32
+    wave = np.sin(freq * (x * np.cos(theta) + y * np.sin(theta)) + phase)              # N, 32, 32
+    contrast = rng.uniform(0.15, 0.35, (count, 1, 1, 1))
+    colour = rng.uniform(0.5, 1.0, (count, 3, 1, 1))                                    # per image, not class
+    brightness = rng.uniform(0.35, 0.65, (count, 1, 1, 1))
+    images = brightness + contrast * colour * wave[:, None] + rng.normal(0, 0.1, (count, 3, 32, 32))
+    return (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
+
+
+def _make_split(rng: np.random.Generator, size: int) -> tuple[np.ndarray, list[int]]:
+    labels = rng.permutation(np.arange(size) % len(SYNTHETIC_CLASSES))
+    images = np.empty((size, 3, 32, 32), np.uint8)
+    for label in range(len(SYNTHETIC_CLASSES)):
+        images[labels == label] = _stripes(rng, label, int((labels == label).sum()))
+    return images.reshape(size, 3 * 32 * 32), labels.tolist()  # N, 3072 (R, G, B planes), as CIFAR-10
+
+
+def _dump(path: str, obj: dict) -> None:
+    with open(path, "wb") as f:
+        pickle.dump(obj, f, protocol=2)
+
+
+def write_synthetic(root: str, train_size: int, test_size: int, seed: int) -> str:
+    """Write a learnable CIFAR-10-format data set under root/synthetic (once); return its root.
+
+    Deterministic in (sizes, seed). Written into a temporary folder and moved into place, so an
+    interrupted write never leaves a half-written data set behind.
+    """
+    synthetic_root = os.path.join(root, "synthetic")
+    recipe = {"version": SYNTHETIC_VERSION, "train_size": train_size, "test_size": test_size, "seed": seed}
+    recipe_path = os.path.join(synthetic_root, "synthetic.json")
+    if os.path.isfile(recipe_path):
+        with open(recipe_path) as f:
+            if json.load(f) == recipe:
+                return synthetic_root
+    os.makedirs(root, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    staging = tempfile.mkdtemp(prefix=".synthetic-", dir=root)
+    folder = os.path.join(staging, FOLDER)
+    os.makedirs(folder)
+    data, labels = _make_split(rng, train_size)
+    for i, part in enumerate(np.array_split(np.arange(train_size), len(TRAIN_FILES))):
+        _dump(os.path.join(folder, TRAIN_FILES[i]), {"batch_label": f"training batch {i + 1} of 5",
+                                                    "data": data[part], "labels": [labels[j] for j in part]})
+    data, labels = _make_split(rng, test_size)
+    _dump(os.path.join(folder, "test_batch"), {"batch_label": "testing batch 1 of 1", "data": data, "labels": labels})
+    names = [f"{orientation}-{cycles}" for orientation, cycles in SYNTHETIC_CLASSES]
+    _dump(os.path.join(folder, "batches.meta"), {"label_names": names, "num_vis": 3072})
+    with open(os.path.join(staging, "synthetic.json"), "w") as f:
+        json.dump(recipe, f)
+    shutil.rmtree(synthetic_root, ignore_errors=True)
+    os.replace(staging, synthetic_root)
+    return synthetic_root
+
+
+def _cifar10(root: str, train: bool, transform) -> datasets.CIFAR10:
+    """torchvision's CIFAR-10 from root/cifar-10-batches-py, downloading only when it is missing."""
+    try:
+        return datasets.CIFAR10(root, train=train, transform=transform, download=False)
+    except RuntimeError:  # missing or failing its md5 check
+        pass
+    try:
+        return datasets.CIFAR10(root, train=train, transform=transform, download=True)
+    except Exception as error:  # offline, unwritable, or a corrupt archive: all fixable by the user
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ConfigError(
+            f"CIFAR-10 not found in {os.path.join(root, FOLDER)} and could not be downloaded ({reason}); "
+            f"put the python version of CIFAR-10 there (data_batch_1..5, test_batch, batches.meta) "
+            f"or run the offline demo with --dataset synthetic") from None
+
+
+def build_datasets(config: dict) -> tuple[Dataset, Dataset]:
+    """(train, test) data sets with the reproduction's transforms."""
+    root = config["data_dir"]
+    if os.path.exists(root) and not os.path.isdir(root):
+        raise ConfigError(f"DATA_DIR={root!r} is a file; point --data-dir at a folder")
+    if config["dataset"] == "cifar10":
+        return _cifar10(root, True, train_transform()), _cifar10(root, False, test_transform())
+    synthetic_root = write_synthetic(root, config["synthetic_train_size"], config["synthetic_test_size"],
+                                     config["seed"])
+    try:
+        return (SyntheticCIFAR10(synthetic_root, train=True, transform=train_transform()),
+                SyntheticCIFAR10(synthetic_root, train=False, transform=test_transform()))
+    except Exception as error:
+        raise ConfigError(f"could not read the synthetic data in {synthetic_root} ({error}); "
+                          f"delete that folder to have it written again") from None
+
+
+def build_loaders(config: dict, device: torch.device) -> tuple[DataLoader, DataLoader, torch.Generator]:
+    """Train and test loaders, and the generator that fixes the training order and augmentation."""
+    train_set, test_set = build_datasets(config)
+    generator = torch.Generator()
+    common = dict(batch_size=config["batch_size"], num_workers=config["num_workers"],
+                  pin_memory=device.type == "cuda")
+    # drop_last: a last batch of one image would break BatchNorm on the 1x1 maps of c5
+    train_loader = DataLoader(train_set, shuffle=True, drop_last=len(train_set) > config["batch_size"],
+                              generator=generator, **common)
+    test_loader = DataLoader(test_set, shuffle=False, **common)
+    return train_loader, test_loader, generator
+
+
+def seed_epoch(generator: torch.Generator, seed: int, epoch: int) -> None:
+    """Make epoch `epoch`'s data order and augmentation depend only on (seed, epoch).
+
+    The generator draws the shuffle and the worker seeds; the global RNG drives the augmentation
+    when NUM_WORKERS is 0. Seeding both per epoch is what lets a resumed run see the same data.
+    """
+    epoch_seed = seed * 100_003 + epoch
+    generator.manual_seed(epoch_seed)
+    torch.manual_seed(epoch_seed)
+
+
+def denormalize(images: torch.Tensor) -> torch.Tensor:
+    mean = torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CIFAR10_STD).view(1, 3, 1, 1)
+    return (images * std + mean).clamp(0, 1)
+
+
+def sample_grid(train_set: Dataset, seed: int, count: int = 64) -> torch.Tensor:
+    """A [3, H, W] grid of augmented training images, drawn without touching the run's RNG."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        images = torch.stack([train_set[i][0] for i in range(min(count, len(train_set)))])
+    return utils.make_grid(denormalize(images), nrow=8, padding=2)

@@ -1,0 +1,149 @@
+"""Model, loss, optimiser, learning-rate schedule, device, and checkpoints (save, find, restore)."""
+from __future__ import annotations
+
+import glob
+import math
+import os
+import random
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from label_smoothing import LabelSmoothingLoss
+from resnet import resnet50
+from resnet_lambda import lambda_resnet50
+from user_input import ConfigError
+
+NUM_CLASSES = 10
+# Settings that define the network's structure: a checkpoint only resumes with the same ones.
+MODEL_KEYS = ("model", "stem", "heads", "qk_size")
+
+
+def model_folder(config: dict) -> str:
+    """"Baseline" or "Lambda": the per-model folder under RUNS_DIR and CHECKPOINT_DIR."""
+    return config["model"].capitalize()
+
+
+def select_device(name: str) -> torch.device:
+    """DEVICE="auto" picks cuda, then mps, then cpu; an explicit device must exist."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise ConfigError(f"DEVICE={name!r} but no such CUDA device is available; use --device auto or cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("DEVICE='mps' but MPS is not available; use --device auto or cpu")
+    return device
+
+
+def build_model(config: dict) -> nn.Module:
+    if config["model"] == "baseline":
+        return resnet50(NUM_CLASSES, config["stem"], config["zero_init_residual"])
+    return lambda_resnet50(NUM_CLASSES, config["stem"], config["heads"], config["qk_size"], image_size=32,
+                           zero_init_residual=config["zero_init_residual"])
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())  # shared embeddings count once
+
+
+def build_optimizer(model: nn.Module, config: dict) -> torch.optim.Optimizer:
+    return torch.optim.Adam(model.parameters(), lr=config["lr"], betas=tuple(config["adam_betas"]),
+                            weight_decay=config["weight_decay"])
+
+
+def lr_factor(epoch: int, warmup_epochs: int, epochs: int) -> float:
+    """Multiplier of LR in epoch `epoch` (0-based).
+
+    Warm-up: LR x (epoch + 1) for the first `warmup_epochs` epochs (reproduction: 5e-4 ... 2.5e-3).
+    Then cosine decay from the warm-up peak, no restarts, so that it would reach zero one epoch
+    after the last: the reproduction's chained schedulers reached zero *in* the last epoch, which
+    then trained with lr 0.
+    """
+    if epoch < warmup_epochs:
+        return epoch + 1.0
+    peak = max(warmup_epochs, 1)
+    progress = (epoch - warmup_epochs + 1) / (epochs - warmup_epochs + 1)
+    return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, config: dict) -> torch.optim.lr_scheduler.LambdaLR:
+    """One per-epoch scheduler for warm-up and cosine; step it once after each epoch."""
+    warmup, epochs = config["warmup_epochs"], config["epochs"]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: lr_factor(epoch, warmup, epochs))
+
+
+def build_criterion(config: dict) -> nn.Module:
+    return LabelSmoothingLoss(config["label_smoothing"])
+
+
+# --- checkpoints ---
+
+def rng_states() -> dict:
+    states = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    np.random.set_state(states["numpy"])
+    random.setstate(states["python"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def save_checkpoint(state: dict, path: str) -> None:
+    """Write to a temporary file in the same folder, then rename: a crash never leaves half a file."""
+    temporary = f"{path}.tmp-{os.getpid()}"
+    torch.save(state, temporary)
+    os.replace(temporary, path)
+
+
+def load_checkpoint(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise ConfigError(f"checkpoint {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:
+        raise ConfigError(f"checkpoint {path} cannot be read ({type(error).__name__}); it may be "
+                          f"truncated or corrupt: resume from another checkpoint of the run") from None
+
+
+def latest_checkpoint(config: dict) -> str:
+    """last.pt of the most recently written run of MODEL under CHECKPOINT_DIR."""
+    pattern = os.path.join(config["checkpoint_dir"], model_folder(config), "*", "last.pt")
+    candidates = glob.glob(pattern)
+    if not candidates:
+        raise ConfigError(f"--resume latest found no checkpoint matching {pattern}; "
+                          f"start a run without --resume first")
+    return max(candidates, key=os.path.getmtime)
+
+
+def resolve_resume(config: dict) -> dict | None:
+    """The checkpoint to resume from (checked against the model settings), or None."""
+    if not config["resume"]:
+        return None
+    path = latest_checkpoint(config) if config["resume"] == "latest" else config["resume"]
+    checkpoint = load_checkpoint(path)
+    saved = checkpoint["config"]
+    different = [f"{key.upper()}={saved[key]!r} (now {config[key]!r})"
+                 for key in MODEL_KEYS if saved.get(key) != config[key]]
+    if different:
+        raise ConfigError(f"checkpoint {path} was trained with {', '.join(different)}; "
+                          f"resume with the same model settings")
+    checkpoint["path"] = path
+    return checkpoint
+
+
+def restore(checkpoint: dict, model: nn.Module, optimizer, scheduler) -> None:
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    scheduler.load_state_dict(checkpoint["scheduler"])
+    set_rng_states(checkpoint["rng"])
