@@ -1,0 +1,34 @@
+"""Shared pieces of the test suite: the repository on sys.path, a small synthetic data set, and
+a helper that runs main_general.py as a user would."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+# flags of a smoke run: tiny synthetic data, tiny batches, capped batches per epoch, CPU
+SMOKE_FLAGS = ["--dataset", "synthetic", "--synthetic-train-size", "64", "--synthetic-test-size", "32",
+               "--batch-size", "8", "--max-batches", "2", "--num-workers", "0", "--device", "cpu"]
+
+
+def run_main(args: list[str], cwd: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python main_general.py ARGS` in `cwd`, with stdout and stderr captured as text."""
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="2")
+    return subprocess.run([sys.executable, os.path.join(ROOT, "main_general.py"), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory) -> str:
+    """DATA_DIR holding a small synthetic set (train 200, test 100, seed 0)."""
+    import data_preprocessing
+
+    data_dir = str(tmp_path_factory.mktemp("data"))
+    data_preprocessing.write_synthetic(data_dir, 200, 100, seed=0)
+    return data_dir
