@@ -13,11 +13,12 @@ import torch.nn as nn
 from label_smoothing import LabelSmoothingLoss
 from resnet import resnet50
 from resnet_lambda import lambda_resnet50
-from user_input import ConfigError
+from user_input import ConfigError, parse_config
 
 NUM_CLASSES = 10
 # Settings that define the network's structure: a checkpoint only resumes with the same ones.
-MODEL_KEYS = ("model", "stem", "heads", "qk_size")
+MODEL_KEYS = ("model", "stem", "heads", "qk_size", "lambda_position", "lambda_r", "lambda_u", "lambda_stages")
+IMAGE_SIZE = 32  # CIFAR-10 images are 32x32
 
 
 def model_folder(config: dict) -> str:
@@ -44,12 +45,34 @@ def select_device(name: str) -> torch.device:
 def build_model(config: dict) -> nn.Module:
     if config["model"] == "baseline":
         return resnet50(NUM_CLASSES, config["stem"], config["zero_init_residual"])
-    return lambda_resnet50(NUM_CLASSES, config["stem"], config["heads"], config["qk_size"], image_size=32,
-                           zero_init_residual=config["zero_init_residual"])
+    return lambda_resnet50(NUM_CLASSES, config["stem"], config["heads"], config["qk_size"], image_size=IMAGE_SIZE,
+                           zero_init_residual=config["zero_init_residual"], position=config["lambda_position"],
+                           r=config["lambda_r"], dim_u=config["lambda_u"], stages=config["lambda_stages"])
 
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())  # shared embeddings count once
+
+
+TABLE_POSITIONS = ("absolute", "relative", "conv")
+TABLE_STAGES = ("LLLL", "CCLL", "CCCL")  # all lambda, and the paper's two hybrids
+
+
+def parameter_table(config: dict) -> str:
+    """Markdown table of the parameter counts of the baseline and each lambda variant at these settings."""
+    settings = (f"stem {config['stem']}, h {config['heads']}, k {config['qk_size']}, u {config['lambda_u']}, "
+                f"r {config['lambda_r']} (conv only), {NUM_CLASSES} classes, {IMAGE_SIZE}x{IMAGE_SIZE} images")
+    rows = [f"Parameters at {settings}:", "", "| model | position | stages | parameters |", "|---|---|---|---|",
+            f"| baseline | - | CCCC | {count_parameters(build_model({**config, 'model': 'baseline'})):,} |"]
+    for position in TABLE_POSITIONS:
+        for stages in TABLE_STAGES:
+            variant = {**config, "model": "lambda", "lambda_position": position, "lambda_stages": stages}
+            try:
+                count = f"{count_parameters(build_model(variant)):,}"
+            except ValueError as error:  # absolute embeddings too large for this stem
+                count = f"refused: {error}"
+            rows.append(f"| lambda | {position} | {stages} | {count} |")
+    return "\n".join(rows)
 
 
 def build_optimizer(model: nn.Module, config: dict) -> torch.optim.Optimizer:
@@ -147,3 +170,8 @@ def restore(checkpoint: dict, model: nn.Module, optimizer, scheduler) -> None:
     optimizer.load_state_dict(checkpoint["optimizer"])
     scheduler.load_state_dict(checkpoint["scheduler"])
     set_rng_states(checkpoint["rng"])
+
+
+if __name__ == "__main__":
+    # `python model_preparation.py [the flags of main_general.py]` prints the parameter table
+    print(parameter_table(parse_config(prog="model_preparation.py")))

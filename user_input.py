@@ -17,6 +17,12 @@ HEADS = 4  # lambda layer queries per position h; Bello 2021 default
 QK_SIZE = 16  # lambda layer query/key size k; Bello 2021 default
 ZERO_INIT_RESIDUAL = True  # last BatchNorm gamma of every bottleneck starts at 0; reproduction
 
+# --- Lambda layer ---
+LAMBDA_POSITION = "absolute"  # position lambdas: "absolute" (reproduction), "relative" (global) or "conv" (local r x r)
+LAMBDA_R = 23  # local context r x r of LAMBDA_POSITION=conv (odd); Bello 2021 ImageNet value
+LAMBDA_U = 1  # intra-depth u of keys and values; Bello 2021 default
+LAMBDA_STAGES = "LLLL"  # mixer of stages c2-c5: L lambda layer, C 3x3 conv; paper's hybrids: CCLL, CCCL
+
 # --- Data ---
 DATASET = "cifar10"  # "cifar10" (downloaded to DATA_DIR) or "synthetic" (small offline stand-in)
 DATA_DIR = "data"  # holds cifar-10-batches-py/ (and synthetic/ for the offline demo)
@@ -47,6 +53,7 @@ CHOICES = {
     "model": ("baseline", "lambda"),
     "dataset": ("cifar10", "synthetic"),
     "stem": ("imagenet", "cifar"),
+    "lambda_position": ("absolute", "relative", "conv"),
 }
 LAMBDA_WIDTHS = (64, 128, 256, 512)  # widths of the bottlenecks' lambda layers in c2-c5
 
@@ -119,7 +126,7 @@ def validate(config: dict) -> None:
             raise ConfigError(f"{key.upper()}={config[key]!r} is not one of {', '.join(allowed)}")
     if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", config["device"]):
         raise ConfigError(f"DEVICE={config['device']!r} is not one of auto, cpu, cuda, cuda:N, mps")
-    at_least = {"epochs": 1, "batch_size": 1, "heads": 1, "qk_size": 1, "warmup_epochs": 0,
+    at_least = {"epochs": 1, "batch_size": 1, "heads": 1, "qk_size": 1, "lambda_r": 1, "lambda_u": 1, "warmup_epochs": 0,
                 "num_workers": 0, "checkpoint_every": 0, "max_batches": 0,
                 "synthetic_train_size": 1, "synthetic_test_size": 1}
     for key, low in at_least.items():
@@ -133,6 +140,11 @@ def validate(config: dict) -> None:
         raise ConfigError(f"ADAM_BETAS={config['adam_betas']} must both be in [0, 1)")
     if not 0 <= config["label_smoothing"] < 1:
         raise ConfigError(f"LABEL_SMOOTHING={config['label_smoothing']} must be in [0, 1)")
+    if config["lambda_r"] % 2 == 0:
+        raise ConfigError(f"LAMBDA_R={config['lambda_r']} must be odd (an r x r context centred on the query)")
+    if not re.fullmatch(r"[CL]{4}", config["lambda_stages"]):
+        raise ConfigError(f"LAMBDA_STAGES={config['lambda_stages']!r} must be 4 letters C (conv) or L (lambda) "
+                          f"for stages c2-c5, e.g. LLLL, CCLL or CCCL")
     if config["model"] == "lambda":
         _validate_lambda(config)
     if re.search(r"[/\\]", config["run_name"]) or config["run_name"] in (".", ".."):
@@ -144,9 +156,18 @@ def _validate_lambda(config: dict) -> None:
     if bad:
         raise ConfigError(f"HEADS={config['heads']} must divide every lambda layer's width "
                           f"{LAMBDA_WIDTHS}; it does not divide {bad[0]} (try 1, 2, 4, 8, 16, 32 or 64)")
-    if config["stem"] == "cifar":
-        raise ConfigError("MODEL=lambda with STEM=cifar needs global position embeddings for 32x32 maps "
-                          "(1024 x 1024 x k per stage, about 17 M parameters each); use STEM=imagenet")
+    if config["lambda_stages"] == "CCCC":
+        raise ConfigError("LAMBDA_STAGES='CCCC' has no lambda stage; use MODEL=baseline for the convolutional ResNet-50")
+    if config["lambda_position"] == "absolute":
+        from resnet_lambda import MAX_ABSOLUTE_ENTRIES, largest_absolute_embedding  # imports torch
+
+        entries = largest_absolute_embedding((32, 32), config["stem"], config["lambda_stages"],  # CIFAR-10 images
+                                             config["qk_size"], config["lambda_u"])
+        if entries > MAX_ABSOLUTE_ENTRIES:
+            raise ConfigError(f"LAMBDA_POSITION=absolute with STEM={config['stem']} and LAMBDA_STAGES="
+                              f"{config['lambda_stages']} needs an (n, m, k, u) embedding of {entries:,} entries "
+                              f"(limit {MAX_ABSOLUTE_ENTRIES:,}); use --lambda-position relative or conv, "
+                              f"or a hybrid such as --lambda-stages CCLL")
 
 
 def parse_config(argv: list[str] | None = None, prog: str | None = None) -> dict:
