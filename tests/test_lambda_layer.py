@@ -20,12 +20,32 @@ def _batch_norm(x: torch.Tensor, norm: torch.nn.BatchNorm2d, training: bool) -> 
     return (x - mean[None, :, None]) * scale[None, :, None] + norm.bias.double()[None, :, None]
 
 
+def embedding_at(layer: LambdaLayer, n: int, m: int, width: int) -> torch.Tensor:
+    """E[n, m] of shape [k, u] in float64, read from the layer's parameter by index arithmetic.
+
+    absolute: E[n, m]. relative: R[dy + H - 1, dx + W - 1] for the offset (dy, dx) = m - n of the
+    context position from the query. conv: kernel[:, :, 0, dy + r // 2, dx + r // 2] inside the
+    r x r context, zero outside it (the context ends there).
+    """
+    embedding = layer.embedding.double()
+    if layer.position == "absolute":
+        return embedding[n, m]
+    (query_y, query_x), (context_y, context_x) = divmod(n, width), divmod(m, width)
+    dy, dx = context_y - query_y, context_x - query_x
+    if layer.position == "relative":
+        return embedding[dy + layer.size[0] - 1, dx + width - 1]
+    centre = layer.r // 2
+    if abs(dy) > centre or abs(dx) > centre:
+        return torch.zeros(layer.dim_k, layer.dim_u, dtype=torch.float64)
+    return embedding[:, :, 0, dy + centre, dx + centre]
+
+
 def reference_lambda(layer: LambdaLayer, x: torch.Tensor, training: bool) -> torch.Tensor:
-    """Bello 2021, eq. for the multi-query lambda layer with a global context, in float64 loops.
+    """Bello 2021, eq. for the multi-query lambda layer, in float64 loops, for every position mode.
 
     y[b, h, v, n] = sum_k q[b, h, k, n] * (lambda_c[b, k, v] + lambda_p[b, n, k, v]),
     lambda_c[b, k, v] = sum_u sum_m softmax_m(K)[b, u, k, m] V[b, u, v, m],
-    lambda_p[b, n, k, v] = sum_u sum_m E[n, m, k, u] V[b, u, v, m].
+    lambda_p[b, n, k, v] = sum_u sum_m E[n, m, k, u] V[b, u, v, m], E[n, m] from ``embedding_at``.
     """
     x = x.double()
     batch, dim, height, width = x.shape
@@ -39,7 +59,6 @@ def reference_lambda(layer: LambdaLayer, x: torch.Tensor, training: bool) -> tor
     queries = _batch_norm(project(layer.to_q), layer.norm_q, training).reshape(batch, h, k, n_positions)
     keys = project(layer.to_k).reshape(batch, u, k, n_positions)
     values = _batch_norm(project(layer.to_v), layer.norm_v, training).reshape(batch, u, v, n_positions)
-    embedding = layer.embedding.double()  # [n, m, k, u]
 
     out = torch.zeros(batch, h, v, n_positions, dtype=torch.float64)
     for b in range(batch):
@@ -54,15 +73,18 @@ def reference_lambda(layer: LambdaLayer, x: torch.Tensor, training: bool) -> tor
         for n in range(n_positions):  # queries
             position = torch.zeros(k, v, dtype=torch.float64)
             for m in range(n_positions):  # context positions
-                position += embedding[n, m] @ values[b, :, :, m]  # [k, u] @ [u, v]
+                position += embedding_at(layer, n, m, width) @ values[b, :, :, m]  # [k, u] @ [u, v]
             out[b, :, :, n] = queries[b, :, :, n] @ (content + position)  # [h, k] @ [k, v]
     return out.reshape(batch, h * v, height, width)
 
 
-def randomized_layer(dim=6, dim_out=8, heads=2, dim_k=3, dim_u=1, size=(3, 4), seed=0) -> LambdaLayer:
-    """A layer whose BatchNorms have random affine parameters and running statistics."""
+def randomized_layer(dim=6, dim_out=8, heads=2, dim_k=3, dim_u=1, size=(3, 4), seed=0, **mode) -> LambdaLayer:
+    """A layer whose BatchNorms have random affine parameters and running statistics.
+
+    ``mode``: position= and r= of the layer (default: absolute embeddings for ``size``).
+    """
     torch.manual_seed(seed)
-    layer = LambdaLayer(dim, dim_out, heads=heads, dim_k=dim_k, dim_u=dim_u, size=size)
+    layer = LambdaLayer(dim, dim_out, heads=heads, dim_k=dim_k, dim_u=dim_u, size=size, **mode)
     for norm in (layer.norm_q, layer.norm_v):
         norm.weight.data.uniform_(0.5, 1.5)
         norm.bias.data.normal_()
