@@ -16,8 +16,8 @@ lambda_p[n] = sum_m E[n, m]^T V[m] (the content lambda is the same in all of the
   values over (H, W) with an r x r kernel per key dimension, kernel shape (k, u, 1, r, r),
   zero padding (0, r // 2, r // 2). Works for any H x W; no (n, m, k) tensor exists.
 
-Embeddings may be shared between layers (pass ``embedding=``). Not implemented: the paper's
-masked/multi-head variants beyond multi-query, and lambda layers over a separate context C != X.
+Embeddings may be shared between layers (pass ``embedding=``). Not implemented: a context other
+than the input map itself (C = X in every mode).
 
 Cost per layer, batch b, n = m = H*W positions, h heads, v = dim_out / h (paper, Table 2):
 
@@ -122,7 +122,7 @@ class LambdaLayer(nn.Module):
         dim_out = dim_out or dim
         assert dim_out % heads == 0, f"dim_out={dim_out} must be divisible by heads={heads}"
         self.position = position
-        self.size = self._check_position(position, r, size)
+        self.size = self._checked_size(position, r, size)
         self.r = r
         self.dim, self.heads, self.dim_k, self.dim_u = dim, heads, dim_k, dim_u
         self.dim_v = dim_out // heads
@@ -144,7 +144,8 @@ class LambdaLayer(nn.Module):
         self.reset_parameters()
 
     @staticmethod
-    def _check_position(position: str, r: int | None, size) -> tuple[int, int] | None:
+    def _checked_size(position: str, r: int | None, size) -> tuple[int, int] | None:
+        """(H, W) for the global modes, None for "conv"; refuses arguments that do not fit the mode."""
         if position not in POSITIONS:
             raise ValueError(f"position={position!r} is not one of {', '.join(POSITIONS)}")
         if position == "conv":

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 from label_smoothing import LabelSmoothingLoss
+from lambda_layer import POSITIONS
 from resnet import resnet50
 from resnet_lambda import lambda_resnet50
 from user_input import ConfigError, parse_config
@@ -54,7 +55,6 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())  # shared embeddings count once
 
 
-TABLE_POSITIONS = ("absolute", "relative", "conv")
 TABLE_STAGES = ("LLLL", "CCLL", "CCCL")  # all lambda, and the paper's two hybrids
 
 
@@ -64,7 +64,7 @@ def parameter_table(config: dict) -> str:
                 f"r {config['lambda_r']} (conv only), {NUM_CLASSES} classes, {IMAGE_SIZE}x{IMAGE_SIZE} images")
     rows = [f"Parameters at {settings}:", "", "| model | position | stages | parameters |", "|---|---|---|---|",
             f"| baseline | - | CCCC | {count_parameters(build_model({**config, 'model': 'baseline'})):,} |"]
-    for position in TABLE_POSITIONS:
+    for position in POSITIONS:
         for stages in TABLE_STAGES:
             variant = {**config, "model": "lambda", "lambda_position": position, "lambda_stages": stages}
             try:
