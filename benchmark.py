@@ -268,10 +268,11 @@ def lambda_layer(args, size: int, mode: str) -> nn.Module:
     return LambdaLayer(args.width, args.width, heads=args.heads, dim_k=args.qk_size, size=size, **kwargs)
 
 
-def timm_lambda_layer(args, size: int) -> nn.Module:
-    from timm.layers import LambdaLayer as TimmLambdaLayer
+def timm_lambda_layer(args, size: int, r: int | None) -> nn.Module:
+    """timm's LambdaLayer: relative position embeddings over the whole map (r=None) or a lambda convolution."""
+    from timm.layers.lambda_layer import LambdaLayer as TimmLambdaLayer
     return TimmLambdaLayer(args.width, args.width, feat_size=(size, size), num_heads=args.heads,
-                           dim_head=args.qk_size, r=None)
+                           dim_head=args.qk_size, r=r)
 
 
 def timm_status() -> str:
@@ -287,7 +288,9 @@ def layer_builders(args) -> dict:
     builders["attention (materialised)"] = lambda size: SelfAttention(args.width, args.heads, fused=False)
     builders["attention (SDPA)"] = lambda size: SelfAttention(args.width, args.heads, fused=True)
     if timm_status() != "timm not installed":
-        builders["timm lambda (relative)"] = lambda size: timm_lambda_layer(args, size)
+        builders["timm lambda (relative)"] = lambda size: timm_lambda_layer(args, size, None)
+        if "conv" in position_modes():
+            builders["timm lambda (conv, r=9)"] = lambda size: timm_lambda_layer(args, size, 9)
     return builders
 
 
@@ -370,6 +373,14 @@ def targets(models: list[dict], layers: list[dict], args) -> dict:
                 "value": measured, "target": 10, "met": None if measured is None else measured >= 10,
                 "analytic_table2_ratio_at_batch_128": paper,
                 "note": f"materialised attention / lambda peak memory, batch {args.layer_batch}"}
+    ours = "lambda (relative)" if "relative" in position_modes() else "lambda (absolute)"
+    ok = {(r["layer"], r["size"]): r for r in layers if r.get("status") == "ok"}
+    for size in args.sizes:
+        if (ours, size) in ok and ("timm lambda (relative)", size) in ok:
+            ratio = ok[("timm lambda (relative)", size)]["time_ms"] / ok[(ours, size)]["time_ms"]
+            found[f"speed_vs_timm_{size}x{size}"] = {
+                "value": ratio, "target": 1.0, "met": ratio >= 1.0,
+                "note": f"timm's LambdaLayer (relative, global) time / {ours} time, forward + backward"}
     return found
 
 
@@ -458,8 +469,17 @@ def plot(report: dict, path: str) -> None:
     image.save(path)
 
 
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def machine(device: torch.device) -> dict:
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or platform.machine()} CPU, {prep.available_cpus()} cores"
+    name = (torch.cuda.get_device_name(device) if device.type == "cuda"
+            else f"{cpu_name()}, {prep.available_cpus()} cores")
     return {"device": str(device), "device_name": name, "torch": torch.__version__, "threads": torch.get_num_threads(),
             "python": platform.python_version(), "platform": platform.platform(),
             "load_average_1min_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}

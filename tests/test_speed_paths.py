@@ -120,6 +120,11 @@ def test_build_loaders_device_loader_matches_the_torchvision_test_transform(synt
     reference = torch.stack([test_loader.dataset[i][0] for i in range(32)])
     torch.testing.assert_close(images, reference, atol=1e-5, rtol=0)
     assert labels.tolist() == test_loader.dataset.targets[:32]
+    first = []
+    for _ in range(2):  # main_general seeds every epoch through this generator: same seed, same batch
+        data_preprocessing.seed_epoch(generator, config["seed"], 0)
+        first.append(next(iter(train_loader)))
+    assert torch.equal(first[0][0], first[1][0]) and torch.equal(first[0][1], first[1][1])
     off = data_preprocessing.build_loaders(dict(config, gpu_loader="auto"), CPU)[0]
     assert isinstance(off, torch.utils.data.DataLoader)  # auto: the device loader only on CUDA
 
