@@ -3,6 +3,10 @@
 Both data sets are read by torchvision's CIFAR10 class from a `cifar-10-batches-py` folder:
 CIFAR-10 from DATA_DIR (downloaded when missing), the synthetic set from DATA_DIR/synthetic,
 which this module writes in the same pickled format.
+
+Two loaders give the same batches in distribution: torchvision's DataLoader with the transforms
+below (worker processes, PIL), and ``DeviceLoader``, which moves the uint8 set to the device once
+and augments whole batches there (GPU_LOADER; the default on CUDA).
 """
 from __future__ import annotations
 
@@ -14,13 +18,15 @@ import tempfile
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from torchvision import datasets, transforms, utils
 
-from user_input import ConfigError
+from user_input import ConfigError, switched_on
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)  # reproduction, Table 3
 CIFAR10_STD = (0.2023, 0.1994, 0.2010)
+PADDING = 4  # pad 4 + random 32x32 crop (reproduction, Table 3)
 FOLDER = "cifar-10-batches-py"
 TRAIN_FILES = [f"data_batch_{i}" for i in range(1, 6)]
 
@@ -35,7 +41,7 @@ SYNTHETIC_VERSION = 1  # bump when the generator changes, so old files are rewri
 def train_transform() -> transforms.Compose:
     """Pad 4 + random 32x32 crop, horizontal flip p = 0.5, normalise (reproduction, Table 3)."""
     return transforms.Compose([
-        transforms.RandomCrop(32, padding=4),
+        transforms.RandomCrop(32, padding=PADDING),
         transforms.RandomHorizontalFlip(p=0.5),
         transforms.ToTensor(),
         transforms.Normalize(CIFAR10_MEAN, CIFAR10_STD),
@@ -150,9 +156,72 @@ def build_datasets(config: dict) -> tuple[Dataset, Dataset]:
                           f"delete that folder to have it written again") from None
 
 
+def random_crop_flip(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Pad 4 with zeros, crop 32x32 at a uniform offset in 0..8, flip with p = 0.5: per image, on the device.
+
+    The batch-wise twin of RandomCrop(32, padding=4) + RandomHorizontalFlip() on uint8 [B, 3, H, W].
+    """
+    b, _, height, width = images.shape
+    device = images.device
+    padded = F.pad(images, (PADDING,) * 4).permute(0, 2, 3, 1)                               # B, H+8, W+8, 3
+    offset_y = torch.randint(0, 2 * PADDING + 1, (b,), generator=generator, device=device)  # B
+    offset_x = torch.randint(0, 2 * PADDING + 1, (b,), generator=generator, device=device)  # B
+    flip = torch.rand(b, generator=generator, device=device) < 0.5                          # B
+    rows = offset_y[:, None] + torch.arange(height, device=device)                          # B, H
+    cols = offset_x[:, None] + torch.arange(width, device=device)                           # B, W
+    cols = torch.where(flip[:, None], cols.flip(1), cols)  # a flipped crop reads its columns right to left
+    batch = torch.arange(b, device=device)[:, None, None]                                   # B, 1, 1
+    crops = padded[batch, rows[:, :, None], cols[:, None, :]]                               # B, H, W, 3
+    return crops.permute(0, 3, 1, 2).contiguous()                                           # B, 3, H, W
+
+
+class DeviceLoader:
+    """Batches of a CIFAR10 data set made on the device, without worker processes.
+
+    The uint8 images move to the device once (150 MB for CIFAR-10's training set); each epoch
+    draws its order, crops and flips from ``generator`` (a generator on the same device), so no
+    step waits for the host. Yields normalised float images and labels, like the DataLoader with
+    train_transform() (``train=True``: shuffled, augmented, last partial batch dropped) or
+    test_transform() (in order, every image).
+    """
+
+    def __init__(self, dataset: datasets.CIFAR10, batch_size: int, device: torch.device, train: bool,
+                 generator: torch.Generator | None = None):
+        self.dataset, self.batch_size, self.train = dataset, batch_size, train
+        self.images = torch.from_numpy(dataset.data).to(device).permute(0, 3, 1, 2).contiguous()  # N, 3, 32, 32
+        self.labels = torch.as_tensor(dataset.targets, device=device)                             # N
+        self.generator = generator if generator is not None else torch.Generator(device=device)
+        self.mean = 255 * torch.tensor(CIFAR10_MEAN, device=device).view(1, 3, 1, 1)
+        self.std = 255 * torch.tensor(CIFAR10_STD, device=device).view(1, 3, 1, 1)
+        # as in build_loaders: a last batch of one image would break BatchNorm on the 1x1 maps of c5
+        self.drop_last = train and len(self.labels) > batch_size
+
+    def __len__(self) -> int:
+        count = len(self.labels)
+        return count // self.batch_size if self.drop_last else -(-count // self.batch_size)
+
+    def __iter__(self):
+        count, device = len(self.labels), self.images.device
+        order = (torch.randperm(count, generator=self.generator, device=device) if self.train
+                 else torch.arange(count, device=device))
+        for step in range(len(self)):
+            index = order[step * self.batch_size:(step + 1) * self.batch_size]
+            images = self.images[index]
+            if self.train:
+                images = random_crop_flip(images, self.generator)
+            yield (images.float() - self.mean) / self.std, self.labels[index]  # ToTensor + Normalize in one
+
+
 def build_loaders(config: dict, device: torch.device) -> tuple[DataLoader, DataLoader, torch.Generator]:
-    """Train and test loaders, and the generator that fixes the training order and augmentation."""
+    """Train and test loaders, and the generator that fixes the training order and augmentation.
+
+    With GPU_LOADER on (by default on CUDA) both are DeviceLoaders and the generator lives on the device.
+    """
     train_set, test_set = build_datasets(config)
+    if switched_on(config["gpu_loader"], device):
+        generator = torch.Generator(device=device)
+        return (DeviceLoader(train_set, config["batch_size"], device, train=True, generator=generator),
+                DeviceLoader(test_set, config["batch_size"], device, train=False), generator)
     generator = torch.Generator()
     common = dict(batch_size=config["batch_size"], num_workers=config["num_workers"],
                   pin_memory=device.type == "cuda")
@@ -166,8 +235,8 @@ def build_loaders(config: dict, device: torch.device) -> tuple[DataLoader, DataL
 def seed_epoch(generator: torch.Generator, seed: int, epoch: int) -> None:
     """Make epoch `epoch`'s data order and augmentation depend only on (seed, epoch).
 
-    The generator draws the shuffle and the worker seeds; the global RNG drives the augmentation
-    when NUM_WORKERS is 0. Seeding both per epoch is what lets a resumed run see the same data.
+    The generator draws the shuffle and the worker seeds (and, for a DeviceLoader, the crops and
+    flips); the global RNG drives the DataLoader's augmentation when NUM_WORKERS is 0. Seeding both per epoch is what lets a resumed run see the same data.
     """
     epoch_seed = seed * 100_003 + epoch
     generator.manual_seed(epoch_seed)

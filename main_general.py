@@ -20,7 +20,7 @@ import model_preparation as prep
 from log_data import RunLogger
 from nntest import evaluate
 from nntrain import NonFiniteLossError, train
-from user_input import ConfigError, parse_config
+from user_input import ConfigError, parse_config, switched_on
 
 PROG = "main_general.py"
 
@@ -59,8 +59,10 @@ def claim_run_dirs(config: dict, resuming: bool) -> tuple[str, str]:
     return run_dir, checkpoint_dir
 
 
-def checkpoint_state(model, optimizer, scheduler, next_epoch: int, best: dict, config: dict) -> dict:
-    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+def checkpoint_state(model, optimizer, scheduler, next_epoch: int, best: dict, config: dict,
+                     scaler=None) -> dict:
+    return {"model": prep.unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler is not None else {},
             "epoch": next_epoch, "best_acc": best["acc"], "best_epoch": best["epoch"], "config": config,
             "rng": prep.rng_states()}
 
@@ -83,15 +85,19 @@ def run(config: dict) -> None:
     if checkpoint is not None:
         config["run_name"] = checkpoint["config"]["run_name"]
     device = prep.select_device(config["device"])
+    amp = prep.resolve_amp(config["amp"], device)
+    prep.configure_backends(config, device)
     seed_everything(config["seed"])
-    model = prep.build_model(config).to(device)
+    model = prep.speed_up(prep.build_model(config).to(device), config, device)
     train_loader, test_loader, generator = data_preprocessing.build_loaders(config, device)
     criterion = prep.build_criterion(config)
     optimizer = prep.build_optimizer(model, config)
     scheduler = prep.build_scheduler(optimizer, config)
+    speed = {"autocast": prep.autocast(amp, device), "scaler": prep.build_scaler(amp, device),
+             "channels_last": switched_on(config["channels_last"], device)}
     start_epoch, best = 0, {"acc": -1.0, "epoch": 0}
     if checkpoint is not None:
-        prep.restore(checkpoint, model, optimizer, scheduler)
+        prep.restore(checkpoint, model, optimizer, scheduler, speed["scaler"])
         start_epoch, best = checkpoint["epoch"], {"acc": checkpoint["best_acc"], "epoch": checkpoint["best_epoch"]}
 
     run_dir, checkpoint_dir = claim_run_dirs(config, resuming=checkpoint is not None)
@@ -100,20 +106,24 @@ def run(config: dict) -> None:
         logger.text(f"{config['model']} ResNet-50, {prep.count_parameters(model):,} parameters, on {device}; "
                     f"{len(train_loader.dataset)} train / {len(test_loader.dataset)} test images ({config['dataset']})")
         logger.text("config: " + ", ".join(f"{k}={v!r}" for k, v in config.items()))
+        logger.text(f"speed: amp {amp}, channels_last {speed['channels_last']}, device loader "
+                    f"{isinstance(train_loader, data_preprocessing.DeviceLoader)}, compile {config['compile']}, "
+                    f"{torch.get_num_threads()} CPU threads")
         if checkpoint is not None:
             logger.text(f"resumed from {checkpoint['path']} at epoch {start_epoch + 1}")
         logger.text(f"run directory {run_dir}, checkpoints {checkpoint_dir}")
         logger.config(config)
         logger.samples(data_preprocessing.sample_grid(train_loader.dataset, config["seed"]))
         train_epochs(config, model, (train_loader, test_loader, generator), criterion, optimizer, scheduler,
-                     device, start_epoch, best, logger, checkpoint_dir)
+                     device, start_epoch, best, logger, checkpoint_dir, speed)
         logger.text(logger.summary())
     finally:
         logger.close()
 
 
 def train_epochs(config, model, data, criterion, optimizer, scheduler, device, start_epoch, best,
-                 logger, checkpoint_dir) -> None:
+                 logger, checkpoint_dir, speed: dict) -> None:
+    """``speed``: autocast context, gradient scaler and channels_last flag, as made in run()."""
     train_loader, test_loader, generator = data
     if start_epoch >= config["epochs"]:
         logger.text(f"the run already has {start_epoch} epochs; pass a larger --epochs to train on")
@@ -121,9 +131,10 @@ def train_epochs(config, model, data, criterion, optimizer, scheduler, device, s
         data_preprocessing.seed_epoch(generator, config["seed"], epoch)
         lr = optimizer.param_groups[0]["lr"]
         train_loss, train_acc, train_time, img_per_s = train(model, train_loader, criterion, optimizer, device,
-                                                             epoch, config["max_batches"])
+                                                             epoch, config["max_batches"], **speed)
         test_start = time.perf_counter()
-        test_loss, test_acc = evaluate(model, test_loader, criterion, device, config["max_batches"])
+        test_loss, test_acc = evaluate(model, test_loader, criterion, device, config["max_batches"],
+                                       autocast=speed["autocast"], channels_last=speed["channels_last"])
         test_time = time.perf_counter() - test_start
         scheduler.step()
         improved = test_acc > best["acc"]
@@ -133,7 +144,7 @@ def train_epochs(config, model, data, criterion, optimizer, scheduler, device, s
                       "test_loss": test_loss, "test_acc": test_acc, "lr": lr,
                       "epoch_time_s": train_time,
                       "train_img_per_s": img_per_s, "test_time_s": test_time}, config["epochs"])
-        state = checkpoint_state(model, optimizer, scheduler, epoch + 1, best, config)
+        state = checkpoint_state(model, optimizer, scheduler, epoch + 1, best, config, speed["scaler"])
         save_checkpoints(state, checkpoint_dir, improved, config["checkpoint_every"])
 
 

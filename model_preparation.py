@@ -1,6 +1,7 @@
-"""Model, loss, optimiser, learning-rate schedule, device, and checkpoints (save, find, restore)."""
+"""Model, loss, optimiser, learning-rate schedule, device and speed settings, and checkpoints."""
 from __future__ import annotations
 
+import contextlib
 import glob
 import math
 import os
@@ -14,7 +15,7 @@ from label_smoothing import LabelSmoothingLoss
 from lambda_layer import POSITIONS
 from resnet import resnet50
 from resnet_lambda import lambda_resnet50
-from user_input import ConfigError, parse_config
+from user_input import ConfigError, parse_config, switched_on
 
 NUM_CLASSES = 10
 # Settings that define the network's structure: a checkpoint only resumes with the same ones.
@@ -41,6 +42,57 @@ def select_device(name: str) -> torch.device:
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise ConfigError("DEVICE='mps' but MPS is not available; use --device auto or cpu")
     return device
+
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_amp(amp: str, device: torch.device) -> str:
+    """AMP="auto" is bf16 on CUDA and fp32 elsewhere; fp16 needs CUDA (its gradient scaler)."""
+    if amp == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    if amp == "fp16" and device.type != "cuda":
+        raise ConfigError(f"AMP=fp16 needs CUDA (it trains with a gradient scaler), but the device is "
+                          f"{device}; use --amp bf16 or --amp fp32")
+    return amp
+
+
+def autocast(amp: str, device: torch.device):
+    """The one autocast context of a run, entered for every step; a no-op context for fp32."""
+    if amp == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=AMP_DTYPES[amp])
+
+
+def build_scaler(amp: str, device: torch.device) -> torch.amp.GradScaler:
+    """Gradient scaler, active only for fp16 (bf16 has fp32's exponent range and needs none)."""
+    return torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+
+
+def available_cpus() -> int:
+    """CPU cores this process may run on (its affinity mask, which containers restrict)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def configure_backends(config: dict, device: torch.device) -> None:
+    """Thread count and cuDNN autotuning; both global to the process."""
+    torch.set_num_threads(config["num_threads"] or min(torch.get_num_threads(), available_cpus()))
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = config["cudnn_benchmark"]
+
+
+def speed_up(model: nn.Module, config: dict, device: torch.device) -> nn.Module:
+    """channels_last and torch.compile as configured; returns the module to train and evaluate."""
+    if switched_on(config["channels_last"], device):
+        model = model.to(memory_format=torch.channels_last)
+    if config["compile"]:
+        model = torch.compile(model)
+    return model
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module under a torch.compile wrapper, whose state_dict keys have no "_orig_mod." prefix."""
+    return getattr(model, "_orig_mod", model)
 
 
 def build_model(config: dict) -> nn.Module:
@@ -76,8 +128,10 @@ def parameter_table(config: dict) -> str:
 
 
 def build_optimizer(model: nn.Module, config: dict) -> torch.optim.Optimizer:
+    # fused on CUDA: one kernel per step, and the fp16 scaler's inf check stays on the device (no host sync)
+    fused = all(p.is_cuda for p in model.parameters()) or None
     return torch.optim.Adam(model.parameters(), lr=config["lr"], betas=tuple(config["adam_betas"]),
-                            weight_decay=config["weight_decay"])
+                            weight_decay=config["weight_decay"], fused=fused)
 
 
 def lr_factor(epoch: int, warmup_epochs: int, epochs: int) -> float:
@@ -165,10 +219,12 @@ def resolve_resume(config: dict) -> dict | None:
     return checkpoint
 
 
-def restore(checkpoint: dict, model: nn.Module, optimizer, scheduler) -> None:
-    model.load_state_dict(checkpoint["model"])
+def restore(checkpoint: dict, model: nn.Module, optimizer, scheduler, scaler=None) -> None:
+    unwrap(model).load_state_dict(checkpoint["model"])
     optimizer.load_state_dict(checkpoint["optimizer"])
     scheduler.load_state_dict(checkpoint["scheduler"])
+    if scaler is not None and checkpoint.get("scaler"):  # empty when the run was not fp16
+        scaler.load_state_dict(checkpoint["scaler"])
     set_rng_states(checkpoint["rng"])
 
 

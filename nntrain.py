@@ -1,6 +1,7 @@
 """One epoch of training."""
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 
@@ -23,13 +24,17 @@ def synchronize(device: torch.device) -> None:
 
 
 def train(model: nn.Module, loader: DataLoader, criterion: nn.Module, optimizer: torch.optim.Optimizer,
-          device: torch.device, epoch: int, max_batches: int = 0) -> tuple[float, float, float, float]:
+          device: torch.device, epoch: int, max_batches: int = 0, *, autocast=None,
+          scaler: torch.amp.GradScaler | None = None, channels_last: bool = False) -> tuple[float, float, float, float]:
     """Train for one epoch; return (mean loss, top-1 accuracy %, seconds, images per second).
 
     Loss and correct counts accumulate on the device; the host reads them about twice a second
-    for the progress bar and once at the end, never once per step.
+    for the progress bar and once at the end, never once per step. ``autocast``: the run's one
+    autocast context (model_preparation.autocast); ``scaler``: the fp16 gradient scaler.
     """
     model.train()
+    autocast = autocast if autocast is not None else contextlib.nullcontext()
+    memory_format = torch.channels_last if channels_last else torch.preserve_format
     total = min(len(loader), max_batches) if max_batches else len(loader)
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
@@ -40,13 +45,19 @@ def train(model: nn.Module, loader: DataLoader, criterion: nn.Module, optimizer:
     for step, (images, labels) in enumerate(bar):
         if step == total:
             break
-        images = images.to(device, non_blocking=True)
+        images = images.to(device, non_blocking=True, memory_format=memory_format)
         labels = labels.to(device, non_blocking=True)
-        logits = model(images)
-        loss = criterion(logits, labels)
+        with autocast:
+            logits = model(images)
+            loss = criterion(logits, labels)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        if scaler is None:
+            loss.backward()
+            optimizer.step()
+        else:  # a disabled scaler passes straight through
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
         # accumulate without leaving the device
         loss_sum += loss.detach() * labels.size(0)
         correct += (logits.argmax(dim=1) == labels).sum()

@@ -49,11 +49,22 @@ RUN_NAME = ""  # empty: a timestamped name
 RESUME = ""  # empty: start afresh; "latest" (newest run of MODEL) or a checkpoint path
 MAX_BATCHES = 0  # 0: full epochs; otherwise at most this many train and test batches (smoke runs)
 
+# --- Speed ---
+AMP = "auto"  # mixed precision: "auto" (bf16 on CUDA, fp32 elsewhere), "bf16", "fp16" (CUDA only, gradient scaler) or "fp32"
+GPU_LOADER = "auto"  # data set kept on the device, augmented there: "auto" (on CUDA), "on" or "off" (DataLoader)
+CHANNELS_LAST = "auto"  # channels_last memory format for model and images: "auto" (on CUDA), "on" or "off"
+CUDNN_BENCHMARK = True  # cuDNN times its kernels once and keeps the fastest (CUDA only)
+COMPILE = False  # torch.compile the model (slow first steps; checkpoints keep plain state_dict keys)
+NUM_THREADS = 0  # CPU threads of torch; 0: at most one per CPU core this process may use
+
 CHOICES = {
     "model": ("baseline", "lambda"),
     "dataset": ("cifar10", "synthetic"),
     "stem": ("imagenet", "cifar"),
     "lambda_position": ("absolute", "relative", "conv"),
+    "amp": ("auto", "bf16", "fp16", "fp32"),
+    "gpu_loader": ("auto", "on", "off"),
+    "channels_last": ("auto", "on", "off"),
 }
 LAMBDA_WIDTHS = (64, 128, 256, 512)  # widths of the bottlenecks' lambda layers in c2-c5
 
@@ -126,8 +137,8 @@ def validate(config: dict) -> None:
             raise ConfigError(f"{key.upper()}={config[key]!r} is not one of {', '.join(allowed)}")
     if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", config["device"]):
         raise ConfigError(f"DEVICE={config['device']!r} is not one of auto, cpu, cuda, cuda:N, mps")
-    at_least = {"epochs": 1, "batch_size": 1, "heads": 1, "qk_size": 1, "lambda_r": 1, "lambda_u": 1, "warmup_epochs": 0,
-                "num_workers": 0, "checkpoint_every": 0, "max_batches": 0,
+    at_least = {"epochs": 1, "batch_size": 1, "heads": 1, "qk_size": 1, "lambda_r": 1, "lambda_u": 1,
+                "warmup_epochs": 0, "num_workers": 0, "checkpoint_every": 0, "max_batches": 0, "num_threads": 0,
                 "synthetic_train_size": 1, "synthetic_test_size": 1}
     for key, low in at_least.items():
         if config[key] < low:
@@ -145,10 +156,18 @@ def validate(config: dict) -> None:
     if not re.fullmatch(r"[CL]{4}", config["lambda_stages"]):
         raise ConfigError(f"LAMBDA_STAGES={config['lambda_stages']!r} must be 4 letters C (conv) or L (lambda) "
                           f"for stages c2-c5, e.g. LLLL, CCLL or CCCL")
+    if config["amp"] == "fp16" and config["device"] in ("cpu", "mps"):
+        raise ConfigError(f"AMP=fp16 needs CUDA (it trains with a gradient scaler); on {config['device']} "
+                          f"use --amp bf16 or --amp fp32")
     if config["model"] == "lambda":
         _validate_lambda(config)
     if re.search(r"[/\\]", config["run_name"]) or config["run_name"] in (".", ".."):
         raise ConfigError(f"RUN_NAME={config['run_name']!r} must be a plain name, not a path")
+
+
+def switched_on(setting: str, device) -> bool:
+    """An "auto" / "on" / "off" speed setting for this device: "auto" means on CUDA only."""
+    return setting == "on" or (setting == "auto" and device.type == "cuda")
 
 
 def _validate_lambda(config: dict) -> None:

@@ -1,0 +1,524 @@
+"""Speed and memory, measured: `python benchmark.py --device cpu --out DIR` (`--quick`: about a minute).
+
+Two parts, both after warm-up steps, reporting medians over timed steps:
+- models: training and inference throughput (images/s) and peak training memory of the baseline
+  ResNet-50 and the lambda ResNet-50 (every LAMBDA_POSITION mode there is) at the CIFAR-10 settings
+  (32x32 images, ImageNet stem, batch 128 unless --batch-size), with the run's AMP / channels_last /
+  compile settings;
+- layers: one lambda layer against multi-head self-attention of the same width and heads on 8x8 ...
+  64x64 maps (a forward and backward pass each), attention both with its maps materialised,
+  softmax(QK^T)V as Bello 2021 measured it, and with PyTorch's fused scaled_dot_product_attention;
+  timm's LambdaLayer too when timm is importable. An out-of-memory is recorded as "OOM".
+
+Peak memory: on CUDA torch.cuda.max_memory_allocated; elsewhere the bytes of live tensor storages,
+counted by a dispatch mode that sees every tensor the step creates (plus parameters, optimizer state
+and inputs that exist before it). Writes DIR/benchmark.json, DIR/benchmark.md and DIR/benchmark.png
+(time and memory against map size, drawn with Pillow) and prints the tables.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+import weakref
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+import model_preparation as prep
+from lambda_layer import POSITIONS, LambdaLayer
+import user_input
+from nntrain import synchronize
+from user_input import ConfigError
+
+PROG = "benchmark.py"
+MB = 2 ** 20
+PAPER_BATCH = 128  # Bello 2021's memory comparison: 128 images of 64x64 positions
+
+
+def build_parser() -> user_input._OneLineParser:
+    parser = user_input._OneLineParser(prog=PROG, description=__doc__.splitlines()[0],
+                                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    parser.add_argument("--out", default=None, help="output folder (default benchmarks/results/<device type>)")
+    parser.add_argument("--quick", action="store_true", help="small batches and few steps: about a minute on 2 CPU cores")
+    parser.add_argument("--batch-size", type=int, default=None, help="model batch (default 128; --quick: 4)")
+    parser.add_argument("--layer-batch", type=int, default=None, help="layer batch (default 8; --quick: 1)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 2; --quick: 1)")
+    parser.add_argument("--iters", type=int, default=None, help="timed steps, median reported (default 5; --quick: 2)")
+    parser.add_argument("--sizes", default=None, help="feature-map sizes of the layer comparison (default 8,16,32,64; --quick: 8,16,32)")
+    parser.add_argument("--width", type=int, default=64, help="layer width d (c2's lambda layer: 64)")
+    parser.add_argument("--heads", type=int, default=4, help="lambda queries / attention heads h")
+    parser.add_argument("--qk-size", type=int, default=16, help="lambda query/key size k")
+    parser.add_argument("--lambda-r", type=int, default=23, help="local context r of the conv mode (odd)")
+    parser.add_argument("--amp", default="auto", choices=user_input.CHOICES["amp"], help="as AMP in user_input.py")
+    parser.add_argument("--channels-last", default="auto", choices=user_input.CHOICES["channels_last"],
+                        help="as CHANNELS_LAST in user_input.py")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the models (not the layers)")
+    parser.add_argument("--num-threads", type=int, default=0, help="CPU threads; 0: as NUM_THREADS=0")
+    parser.add_argument("--memory-limit-gb", type=float, default=None,
+                        help="skip a layer case (recorded as OOM) whose analytic memory exceeds this; "
+                             "default: half the available RAM on CPU, none on CUDA")
+    parser.add_argument("--skip-models", action="store_true", help="only the layer comparison")
+    return parser
+
+
+def resolve_args(args) -> None:
+    """Fill the defaults that depend on --quick; refuse nonsense with a ConfigError."""
+    quick = {"batch_size": (128, 4), "layer_batch": (8, 1), "warmup": (2, 1), "iters": (5, 2)}
+    for key, (full, small) in quick.items():
+        if getattr(args, key) is None:
+            setattr(args, key, small if args.quick else full)
+        if getattr(args, key) < (0 if key == "warmup" else 1):
+            raise ConfigError(f"--{key.replace('_', '-')}={getattr(args, key)} must be >= {0 if key == 'warmup' else 1}")
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", args.device):
+        raise ConfigError(f"--device {args.device!r} is not one of auto, cpu, cuda, cuda:N, mps")
+    if args.sizes is None:
+        args.sizes = "8,16,32" if args.quick else "8,16,32,64"
+    try:
+        args.sizes = [int(size) for size in args.sizes.split(",")]
+    except ValueError:
+        raise ConfigError(f"--sizes={args.sizes!r} must be sizes like 8,16,32,64") from None
+    if min(args.sizes) < 1 or args.width % args.heads or args.num_threads < 0 or args.lambda_r % 2 == 0:
+        raise ConfigError("--sizes must be >= 1, --heads must divide --width, --num-threads >= 0, --lambda-r odd")
+
+
+# --- measuring ---
+
+class PeakMemory(TorchDispatchMode):
+    """Peak bytes of live tensor storages created while the mode is active, on any device.
+
+    Every op's outputs pass through __torch_dispatch__; a storage is counted when first seen and
+    uncounted when it is freed (a weakref finaliser on the storage object, which torch keeps alive
+    as long as the storage lives).
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self.sizes: dict[int, int] = {}
+
+    def _free(self, key: int) -> None:
+        self.live -= self.sizes.pop(key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_flatten(out)[0]:
+            if isinstance(tensor, torch.Tensor):
+                storage = tensor.untyped_storage()
+                key = storage.data_ptr()
+                if key and key not in self.sizes:
+                    self.sizes[key] = storage.nbytes()
+                    self.live += storage.nbytes()
+                    self.peak = max(self.peak, self.live)
+                    weakref.finalize(storage, self._free, key)
+        return out
+
+
+def storage_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind `tensors` (shared parameters count once)."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for t in tensors if isinstance(t, torch.Tensor)}
+    return sum(storages.values())
+
+
+def memory_method(device: torch.device) -> str:
+    if device.type == "cuda":
+        return "torch.cuda.max_memory_allocated over one step (everything allocated, after reset_peak_memory_stats)"
+    return ("peak bytes of live tensor storages over one step, tracked by a TorchDispatchMode, plus the "
+            "parameters, buffers, optimizer state and inputs that exist before it (not the allocator's caching, "
+            "not the process RSS)")
+
+
+def measure(step, device: torch.device, warmup: int, iters: int, static: list) -> dict:
+    """Median seconds of `step()` after `warmup` calls, and the peak memory of one more call."""
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(iters):
+        synchronize(device)
+        start = time.perf_counter()
+        step()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device)
+    else:
+        with PeakMemory() as tracker:
+            step()
+        peak = tracker.peak + storage_bytes(static)
+    return {"median_s": statistics.median(times), "times_s": times, "peak_mb": peak / MB}
+
+
+def is_oom(error: BaseException) -> bool:
+    text = str(error).lower()
+    return isinstance(error, torch.OutOfMemoryError) or any(
+        phrase in text for phrase in ("out of memory", "can't allocate", "not enough memory"))
+
+
+# --- models ---
+
+def model_variants() -> list[dict]:
+    return [{"model": "baseline"}] + [{"model": "lambda", "lambda_position": mode} for mode in POSITIONS]
+
+
+def benchmark_model(variant: dict, args, device: torch.device, amp: str) -> dict:
+    """Training and inference throughput and peak training memory of one ResNet-50 variant."""
+    config = dict(user_input.defaults(), **variant, batch_size=args.batch_size, channels_last=args.channels_last,
+                  compile=args.compile, amp=args.amp, device=args.device)
+    user_input.validate(config)
+    torch.manual_seed(0)
+    model = prep.speed_up(prep.build_model(config).to(device), config, device)
+    optimizer = prep.build_optimizer(model, config)
+    criterion = prep.build_criterion(config)
+    autocast, scaler = prep.autocast(amp, device), prep.build_scaler(amp, device)
+    memory_format = torch.channels_last if user_input.switched_on(args.channels_last, device) else torch.contiguous_format
+    images = torch.randn(args.batch_size, 3, 32, 32, device=device).contiguous(memory_format=memory_format)
+    labels = torch.randint(0, prep.NUM_CLASSES, (args.batch_size,), device=device)
+
+    def train_step():
+        with autocast:
+            loss = criterion(model(images), labels)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+
+    @torch.no_grad()
+    def infer_step():
+        with autocast:
+            model(images)
+
+    model.train()
+    static = [*model.parameters(), *model.buffers(), images, labels]
+    train = measure(train_step, device, args.warmup, args.iters, static + tree_flatten(optimizer.state_dict()["state"])[0])
+    model.eval()
+    infer = measure(infer_step, device, args.warmup, args.iters, static)
+    result = {"model": variant["model"], "position": variant.get("lambda_position", "-"),
+              "params": prep.count_parameters(prep.unwrap(model)), "batch": args.batch_size,
+              "train_img_s": args.batch_size / train["median_s"], "infer_img_s": args.batch_size / infer["median_s"],
+              "train_step_ms": 1000 * train["median_s"], "train_peak_mb": train["peak_mb"],
+              "infer_peak_mb": infer["peak_mb"]}
+    del model, optimizer
+    gc.collect()
+    return result
+
+
+# --- layers ---
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention over all H*W positions of a [B, d, H, W] map, content only.
+
+    ``fused=False`` materialises the b x h x n x m attention maps (softmax(QK^T / sqrt(d_h)) V), as
+    in Bello 2021's comparison; ``fused=True`` calls F.scaled_dot_product_attention.
+    """
+
+    def __init__(self, dim: int, heads: int, fused: bool):
+        super().__init__()
+        self.heads, self.fused = heads, fused
+        self.to_qkv = nn.Conv2d(dim, 3 * dim, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, dim, height, width = x.shape
+        qkv = self.to_qkv(x).reshape(b, 3, self.heads, dim // self.heads, height * width)  # b, 3, h, d_h, n
+        queries, keys, values = qkv.transpose(-1, -2).unbind(1)                            # b, h, n, d_h each
+        if self.fused:
+            out = F.scaled_dot_product_attention(queries, keys, values)                     # b, h, n, d_h
+        else:
+            scale = (dim // self.heads) ** -0.5
+            attention = (queries @ keys.transpose(-1, -2) * scale).softmax(dim=-1)         # b, h, n, m
+            out = attention @ values                                                        # b, h, n, d_h
+        return out.transpose(-1, -2).reshape(b, dim, height, width)                         # b, d, H, W
+
+
+def lambda_layer(args, size: int, mode: str) -> nn.Module:
+    """Our LambdaLayer in position mode `mode` ("conv": an r x r context, r = --lambda-r)."""
+    r = args.lambda_r if mode == "conv" else None
+    return LambdaLayer(args.width, args.width, heads=args.heads, dim_k=args.qk_size, size=size, position=mode, r=r)
+
+
+def timm_lambda_layer(args, size: int, r: int | None) -> nn.Module:
+    """timm's LambdaLayer: relative position embeddings over the whole map (r=None) or a lambda convolution."""
+    from timm.layers.lambda_layer import LambdaLayer as TimmLambdaLayer
+    return TimmLambdaLayer(args.width, args.width, feat_size=(size, size), num_heads=args.heads,
+                           dim_head=args.qk_size, r=r)
+
+
+def timm_status() -> str:
+    try:
+        import timm
+    except ImportError:
+        return "timm not installed"
+    return f"timm {timm.__version__}"
+
+
+def layer_builders(args) -> dict:
+    builders = {f"lambda ({mode})": (lambda size, mode=mode: lambda_layer(args, size, mode)) for mode in POSITIONS}
+    builders["attention (materialised)"] = lambda size: SelfAttention(args.width, args.heads, fused=False)
+    builders["attention (SDPA)"] = lambda size: SelfAttention(args.width, args.heads, fused=True)
+    if timm_status() != "timm not installed":
+        builders["timm lambda (relative)"] = lambda size: timm_lambda_layer(args, size, None)
+        builders[f"timm lambda (conv, r={args.lambda_r})"] = lambda size: timm_lambda_layer(args, size, args.lambda_r)
+    return builders
+
+
+def table2_floats(name: str, args, size: int, batch: int) -> int | None:
+    """Bello 2021, Table 2 memory: lambda k n m + b n k v (global embeddings), b n k v (lambda
+    convolution), attention b h n m."""
+    n = size * size
+    lambdas = batch * n * args.qk_size * (args.width // args.heads)
+    if name.startswith("attention (materialised)"):
+        return batch * args.heads * n * n
+    if "lambda" in name and "conv" in name:
+        return lambdas
+    if "lambda" in name:
+        return args.qk_size * n * n + lambdas
+    return None
+
+
+def benchmark_layer(name: str, build, args, size: int, device: torch.device, limit_bytes: float | None) -> dict:
+    """Forward + backward of one layer on a [layer_batch, d, size, size] map; "OOM" when it does not fit."""
+    row = {"layer": name, "size": size, "batch": args.layer_batch}
+    floats = table2_floats(name, args, size, args.layer_batch)
+    row["table2_mb"] = None if floats is None else 4 * floats / MB
+    if limit_bytes is not None and floats is not None and 3 * 4 * floats > limit_bytes:
+        row.update(status="OOM", note=f"skipped: 3 x the Table 2 memory exceeds the {limit_bytes / 2**30:.1f} GB limit")
+        return row
+    layer = x = None
+    try:
+        torch.manual_seed(0)
+        layer = build(size).to(device).train()
+        x = torch.randn(args.layer_batch, args.width, size, size, device=device, requires_grad=True)
+
+        def step():
+            layer.zero_grad(set_to_none=True)
+            x.grad = None
+            layer(x).float().sum().backward()
+
+        result = measure(step, device, args.warmup, args.iters, [*layer.parameters(), *layer.buffers(), x])
+        row.update(status="ok", time_ms=1000 * result["median_s"], peak_mb=result["peak_mb"])
+    except NotImplementedError as error:
+        row.update(status="n/a", note=str(error))
+    except (RuntimeError, MemoryError) as error:
+        if not is_oom(error):
+            raise
+        row.update(status="OOM", note=str(error).splitlines()[0][:200])
+    finally:
+        del layer, x
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return row
+
+
+def default_memory_limit(device: torch.device) -> float | None:
+    """Half of MemAvailable on CPU (an allocation past it could get the process killed); none on CUDA."""
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            available_kb = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable"))
+        return available_kb * 1024 / 2
+    except (OSError, StopIteration):
+        return 8 * 2 ** 30
+
+
+# --- targets and reports ---
+
+def targets(models: list[dict], layers: list[dict], args) -> dict:
+    found = {}
+    baseline = next((m for m in models if m["model"] == "baseline"), None)
+    for m in models:
+        if m["model"] == "lambda" and baseline:
+            ratio = m["train_img_s"] / baseline["train_img_s"]
+            found[f"train_speedup_lambda_{m['position']}"] = {
+                "value": ratio, "target": 1.3, "met": ratio >= 1.3,
+                "note": f"lambda / baseline training img/s at batch {m['batch']}, 32x32, ImageNet stem"}
+    largest = max(args.sizes)
+    attention = next((r for r in layers if r["layer"] == "attention (materialised)" and r["size"] == largest), None)
+    for r in layers:
+        if r["layer"].startswith("lambda") and r["size"] == largest and attention and r.get("status") == "ok":
+            measured = attention.get("peak_mb") / r["peak_mb"] if attention.get("status") == "ok" else None
+            paper = (table2_floats("attention (materialised)", args, largest, PAPER_BATCH)
+                     / table2_floats(r["layer"], args, largest, PAPER_BATCH))
+            found[f"memory_ratio_{r['layer']}_{largest}x{largest}"] = {
+                "value": measured, "target": 10, "met": None if measured is None else measured >= 10,
+                "analytic_table2_ratio_at_batch_128": paper,
+                "note": f"materialised attention / lambda peak memory, batch {args.layer_batch}"}
+    ours = "lambda (relative)"  # timm's layer is relative and global too
+    ok = {(r["layer"], r["size"]): r for r in layers if r.get("status") == "ok"}
+    for size in args.sizes:
+        if (ours, size) in ok and ("timm lambda (relative)", size) in ok:
+            ratio = ok[("timm lambda (relative)", size)]["time_ms"] / ok[(ours, size)]["time_ms"]
+            found[f"speed_vs_timm_{size}x{size}"] = {
+                "value": ratio, "target": 1.0, "met": ratio >= 1.0,
+                "note": f"timm's LambdaLayer (relative, global) time / {ours} time, forward + backward"}
+    return found
+
+
+def markdown(report: dict) -> str:
+    s = report["settings"]
+    lines = [f"# benchmark.py on {report['machine']['device_name']}", "", f"`{report['command']}`", "",
+             f"torch {report['machine']['torch']}, {report['machine']['threads']} CPU threads, "
+             f"AMP {s['amp']}, channels_last {s['channels_last']}, compile {s['compile']}; "
+             f"{s['warmup']} warm-up + {s['iters']} timed steps (median); quick {s['quick']}; "
+             f"1-minute load average at the start {report['machine']['load_average_1min_at_start']}.", "",
+             f"Peak memory: {report['memory_method']}.", ""]
+    if report["models"]:
+        lines += [f"## Models (32x32, ImageNet stem, batch {s['batch_size']})", "",
+                  "| model | position | params | train img/s | inference img/s | train step ms | train peak MB |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {m['model']} | {m['position']} | {m['params']:,} | {m['train_img_s']:.1f} | {m['infer_img_s']:.1f} "
+                  f"| {m['train_step_ms']:.1f} | {m['train_peak_mb']:.0f} |" for m in report["models"]]
+        lines.append("")
+    lines += [f"## Layers (d = {s['width']}, h = {s['heads']}, k = {s['qk_size']}, batch {s['layer_batch']}, "
+              f"forward + backward)", "",
+              "| map | layer | time ms | peak MB | Table 2 memory MB |", "|---|---|---|---|---|"]
+    for r in report["layers"]:
+        table2 = "-" if r["table2_mb"] is None else f"{r['table2_mb']:.1f}"
+        if r["status"] == "ok":
+            lines.append(f"| {r['size']}x{r['size']} | {r['layer']} | {r['time_ms']:.2f} | {r['peak_mb']:.1f} | {table2} |")
+        else:
+            lines.append(f"| {r['size']}x{r['size']} | {r['layer']} | {r['status']} | {r['status']} | {table2} |")
+    lines += ["", f"timm: {report['timm']}.", "", "## Targets", "", "| target | value | goal | met |", "|---|---|---|---|"]
+    for name, t in report["targets"].items():
+        value = "-" if t["value"] is None else f"{t['value']:.2f}"
+        extra = (f" (Table 2 ratio at batch 128: {t['analytic_table2_ratio_at_batch_128']:.1f})"
+                 if "analytic_table2_ratio_at_batch_128" in t else "")
+        lines.append(f"| {name}: {t['note']}{extra} | {value} | >= {t['target']} | {t['met']} |")
+    return "\n".join(lines) + "\n"
+
+
+COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75), (227, 119, 194)]
+
+
+def draw_panel(draw: ImageDraw.ImageDraw, box: tuple, series: dict, sizes: list, title: str) -> None:
+    """Log-log line chart of {name: [(size, value)]} inside box = (left, top, right, bottom)."""
+    left, top, right, bottom = box
+    values = [v for points in series.values() for _, v in points]
+    draw.rectangle(box, outline=(0, 0, 0))
+    draw.text((left, top - 28), title, fill=(0, 0, 0))
+    if not values:
+        return
+    low, high = math.floor(math.log10(min(values))), math.ceil(math.log10(max(values)))
+    high = max(high, low + 1)
+    x_of = lambda size: left + 20 + (right - left - 40) * (math.log2(size) - math.log2(min(sizes))) / max(math.log2(max(sizes) / min(sizes)), 1)
+    y_of = lambda value: bottom - (bottom - top) * (math.log10(value) - low) / (high - low)
+    for exponent in range(low, high + 1):
+        y = y_of(10 ** exponent)
+        draw.line((left, y, right, y), fill=(225, 225, 225))
+        draw.text((left - 45, y - 6), f"1e{exponent}", fill=(0, 0, 0))
+    for size in sizes:
+        draw.text((x_of(size) - 12, bottom + 6), f"{size}x{size}", fill=(0, 0, 0))
+    for index, (name, points) in enumerate(series.items()):
+        colour = COLOURS[index % len(COLOURS)]
+        xy = [(x_of(size), y_of(value)) for size, value in points]
+        if len(xy) > 1:
+            draw.line(xy, fill=colour, width=3)
+        for x, y in xy:
+            draw.ellipse((x - 4, y - 4, x + 4, y + 4), fill=colour)
+
+
+def plot(report: dict, path: str) -> None:
+    """Two panels, time and peak memory against map size (log scales), one line per layer, OOMs left out."""
+    sizes = report["settings"]["sizes"]
+    names = list(dict.fromkeys(r["layer"] for r in report["layers"]))
+    image = Image.new("RGB", (1100, 560), "white")
+    draw = ImageDraw.Draw(image)
+    for panel, (key, title) in enumerate((("time_ms", "time per forward+backward (ms), log"),
+                                          ("peak_mb", "peak memory (MB), log"))):
+        series = {name: [(r["size"], r[key]) for r in report["layers"]
+                         if r["layer"] == name and r["status"] == "ok" and r[key] > 0] for name in names}
+        draw_panel(draw, (70 + panel * 540, 50, 530 + panel * 540, 420), series, sizes, title)
+    for index, name in enumerate(names):  # legend
+        colour = COLOURS[index % len(COLOURS)]
+        x, y = 70 + (index % 3) * 340, 470 + (index // 3) * 22
+        draw.rectangle((x, y, x + 16, y + 12), fill=colour)
+        draw.text((x + 24, y), name, fill=(0, 0, 0))
+    draw.text((70, 535), f"feature-map size; batch {report['settings']['layer_batch']}, "
+                         f"d {report['settings']['width']}, h {report['settings']['heads']}; "
+                         f"{report['machine']['device_name']}", fill=(0, 0, 0))
+    image.save(path)
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def machine(device: torch.device) -> dict:
+    name = (torch.cuda.get_device_name(device) if device.type == "cuda"
+            else f"{cpu_name()}, {prep.available_cpus()} cores")
+    return {"device": str(device), "device_name": name, "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "python": platform.python_version(), "platform": platform.platform(),
+            "load_average_1min_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
+
+
+def run(args, argv: list[str]) -> dict:
+    resolve_args(args)
+    device = prep.select_device(args.device)
+    amp = prep.resolve_amp(args.amp, device)
+    prep.configure_backends({"num_threads": args.num_threads, "cudnn_benchmark": True}, device)
+    out = args.out or os.path.join("benchmarks", "results", device.type)
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(f"cannot create --out {out} ({error.strerror})") from None
+    limit = args.memory_limit_gb * 2 ** 30 if args.memory_limit_gb else default_memory_limit(device)
+    models = []
+    if not args.skip_models:
+        for variant in model_variants():
+            models.append(benchmark_model(variant, args, device, amp))
+            print(f"{variant}: {models[-1]['train_img_s']:.1f} train img/s, {models[-1]['infer_img_s']:.1f} inference img/s",
+                  flush=True)
+    layers = []
+    for size in args.sizes:
+        for name, build in layer_builders(args).items():
+            layers.append(benchmark_layer(name, build, args, size, device, limit))
+            print(f"{size}x{size} {name}: {layers[-1].get('time_ms', layers[-1]['status'])} ms", flush=True)
+    settings = {key: value for key, value in vars(args).items()}
+    settings["amp"] = amp
+    report = {"machine": machine(device), "settings": settings, "memory_method": memory_method(device),
+              "timm": timm_status(), "command": " ".join(["python", PROG, *argv]),
+              "models": models, "layers": layers, "targets": targets(models, layers, args)}
+    with open(os.path.join(out, "benchmark.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    table = markdown(report)
+    with open(os.path.join(out, "benchmark.md"), "w") as f:
+        f.write(table)
+    plot(report, os.path.join(out, "benchmark.png"))
+    print(table)
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    try:
+        run(args, argv)
+    except ConfigError as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

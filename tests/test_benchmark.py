@@ -1,0 +1,69 @@
+"""benchmark.py --quick writes its JSON, markdown table and PNG plot (what is in them, never the speeds)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from PIL import Image
+
+from conftest import ROOT
+
+import benchmark
+from lambda_layer import POSITIONS
+
+
+def test_quick_benchmark_writes_json_markdown_and_png(tmp_path):
+    out = tmp_path / "tmp"
+    command = [sys.executable, os.path.join(ROOT, "benchmark.py"), "--quick", "--device", "cpu", "--out", str(out),
+               "--iters", "1", "--warmup", "0", "--sizes", "4,8", "--batch-size", "2", "--num-threads", "1"]
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="2")
+    result = subprocess.run(command, cwd=str(tmp_path), capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr
+    with open(out / "benchmark.json") as f:
+        report = json.load(f)
+    models = {(m["model"], m["position"]) for m in report["models"]}
+    assert ("baseline", "-") in models
+    assert {("lambda", mode) for mode in POSITIONS} <= models
+    for m in report["models"]:
+        assert m["train_img_s"] > 0 and m["infer_img_s"] > 0 and m["train_peak_mb"] > 0
+    assert m["params"] > 1_000_000
+    layers = {(r["layer"], r["size"]): r for r in report["layers"]}
+    for size in (4, 8):
+        for name in ("attention (materialised)", "attention (SDPA)", *(f"lambda ({mode})" for mode in POSITIONS)):
+            row = layers[(name, size)]
+            assert row["status"] == "ok", row  # 8x8 maps never run out of memory
+            assert row["time_ms"] > 0 and row["peak_mb"] > 0
+    # the materialised maps are b h n m floats: at 8x8, 4 heads, batch 1, 64 KiB of the peak
+    assert layers[("attention (materialised)", 8)]["table2_mb"] == 4 * 4 * 64 * 64 / 2 ** 20
+    assert report["timm"].startswith("timm")
+    assert "TorchDispatchMode" in report["memory_method"]
+    assert "train_speedup_lambda_absolute" in report["targets"]
+    with open(out / "benchmark.md") as f:
+        table = f.read()
+    assert "| baseline | - |" in table and "| 8x8 | attention (SDPA) |" in table
+    assert table.strip() in result.stdout
+    with Image.open(out / "benchmark.png") as image:
+        assert image.size == (1100, 560)
+        assert len(image.convert("RGB").getcolors(maxcolors=2 ** 20)) > 5  # lines and legend drawn, not a blank canvas
+
+
+def test_peak_memory_counts_live_tensors():
+    import torch
+
+    with benchmark.PeakMemory() as tracker:
+        a = torch.ones(1024, 256)  # 1 MiB
+        b = a * 2                  # 2 MiB live
+        del a                      # 1 MiB live
+        c = b + 1                  # 2 MiB live again
+    assert tracker.peak == 2 * 2 ** 20 and tracker.live == 2 * 2 ** 20
+    del b, c
+    assert tracker.live == 0
+
+
+def test_bad_arguments_exit_2_with_one_line(tmp_path, capsys):
+    assert benchmark.main(["--device", "cpu", "--sizes", "8,x", "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+    assert benchmark.main(["--device", "tpu", "--out", str(tmp_path)]) == 2
+    assert "--device 'tpu'" in capsys.readouterr().err
