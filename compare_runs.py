@@ -113,14 +113,14 @@ def table(runs: list[Run]) -> str:
              "| total time | mean train img/s |",
              "|---|---|---|---|---|---|---|---|---|"]
     for run in runs:
-        epochs = f"{len(run.records)}/{run.config['epochs']}"
-        if not run.records:
-            lines.append(f"| {run.label} | {run.config['model']} | {run.parameters():,} | {epochs} | - | - | - | - | - |")
+        epochs = f"{len(run.records)}/{run.config['epochs']}"  # done / planned
+        row = f"| {run.label} | {run.config['model']} | {run.parameters():,} | {epochs} "
+        if not run.records:  # started, no epoch finished yet
+            lines.append(row + "| - | - | - | - | - |")
             continue
         best = max(run.records, key=lambda r: r["test_acc"])
         throughput = sum(r["train_img_per_s"] for r in run.records) / len(run.records)
-        lines.append(f"| {run.label} | {run.config['model']} | {run.parameters():,} | {epochs} "
-                     f"| {best['test_acc']:.2f} | {best['epoch']} | {run.records[-1]['test_acc']:.2f} "
+        lines.append(row + f"| {best['test_acc']:.2f} | {best['epoch']} | {run.records[-1]['test_acc']:.2f} "
                      f"| {format_time(run.elapsed_s()[-1])} | {throughput:.0f} |")
     return "\n".join(lines) + "\n"
 
@@ -129,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = user_input._OneLineParser(prog=PROG, description=__doc__.split("\n\n")[1].replace("\n", " "))
     parser.add_argument("run_dirs", nargs="*", metavar="RUN_DIR",
                         help="run directories (runs/<Model>/<run name>); none: the newest run of each model")
-    parser.add_argument("--runs-dir", default=user_input.RUNS_DIR, help="where to look for the newest runs (default: runs)")
+    parser.add_argument("--runs-dir", default=user_input.RUNS_DIR,
+                        help=f"where to look for the newest runs (default: {user_input.RUNS_DIR})")
     parser.add_argument("--out", default="comparison", help="folder for comparison.png and comparison.md "
                         "(default: comparison)")
     return parser
@@ -147,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
             with open(md, "w", encoding="utf-8") as f:
                 f.write(markdown)
         except OSError as error:
-            raise user_input.ConfigError(f"cannot write to {args.out} ({error.strerror}); choose another --out") from None
+            raise user_input.ConfigError(f"cannot write to {args.out} ({error.strerror}); "
+                                         f"choose another --out") from None
     except user_input.ConfigError as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2
