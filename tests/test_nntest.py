@@ -130,7 +130,10 @@ def test_cli_bad_input_is_one_line_with_exit_2(checkpoint, tmp_path, capsys):
     (tmp_path / "corrupt.pt").write_bytes(path.read_bytes()[:1000])
     torch.save({"weights": 1}, tmp_path / "other.pt")
     (tmp_path / "file").write_text("x")
-    cases = [(["--checkpoint", str(tmp_path / "missing.pt")], "missing.pt does not exist"),
+    state = torch.load(path, weights_only=False)
+    torch.save({**state, "config": {**state["config"], "stem": "imagenet"}}, tmp_path / "mismatch.pt")
+    cases = [(["--checkpoint", str(tmp_path / "mismatch.pt")], "the stored weights do not fit the stored settings"),
+             (["--checkpoint", str(tmp_path / "missing.pt")], "missing.pt does not exist"),
              (["--checkpoint", str(tmp_path / "corrupt.pt")], "corrupt.pt cannot be read"),
              (["--checkpoint", str(tmp_path / "other.pt")], "other.pt is not a checkpoint of main_general.py"),
              (["--checkpoint", str(path), "--batch-size", "0"], "BATCH_SIZE=0 must be >= 1"),
