@@ -203,9 +203,9 @@ def _dashed(draw: ImageDraw.ImageDraw, points: list[tuple[float, float]], fill, 
 
 def _polyline(draw: ImageDraw.ImageDraw, points: list[tuple[float, float]], color: str, dashed: bool) -> None:
     if dashed:
-        _dashed(draw, points, color, width=2)
+        _dashed(draw, points, color, width=3)
     else:
-        draw.line(points, fill=color, width=2, joint="curve")
+        draw.line(points, fill=color, width=3, joint="curve")
 
 
 def _draw_panel(image: Image.Image, box: tuple[int, int, int, int], panel: Panel) -> None:
@@ -244,7 +244,7 @@ def _draw_panel(image: Image.Image, box: tuple[int, int, int, int], panel: Panel
             _polyline(draw, pixels, color, series.dashed)
         if len(pixels) <= 40:  # markers, so that a single point shows
             for px, py in pixels:
-                draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=WHITE if series.dashed else color, outline=color)
+                draw.ellipse([px - 4, py - 4, px + 4, py + 4], fill=WHITE if series.dashed else color, outline=color)
 
 
 def _legend_layout(entries: list[Series], width: int) -> list[tuple[int, int]]:
