@@ -18,7 +18,7 @@ import torch
 import data_preprocessing
 import model_preparation as prep
 from log_data import RunLogger
-from nntest import evaluate
+from nntest import evaluate_confusion
 from nntrain import NonFiniteLossError, train
 from user_input import ConfigError, parse_config, switched_on
 
@@ -133,8 +133,9 @@ def train_epochs(config, model, data, criterion, optimizer, scheduler, device, s
         train_loss, train_acc, train_time, img_per_s = train(model, train_loader, criterion, optimizer, device,
                                                              epoch, config["max_batches"], **speed)
         test_start = time.perf_counter()
-        test_loss, test_acc = evaluate(model, test_loader, criterion, device, config["max_batches"],
-                                       autocast=speed["autocast"], channels_last=speed["channels_last"])
+        test_loss, test_acc, confusion = evaluate_confusion(model, test_loader, criterion, device, config["max_batches"],
+                                                            autocast=speed["autocast"],
+                                                            channels_last=speed["channels_last"])
         test_time = time.perf_counter() - test_start
         scheduler.step()
         improved = test_acc > best["acc"]
@@ -144,6 +145,7 @@ def train_epochs(config, model, data, criterion, optimizer, scheduler, device, s
                       "test_loss": test_loss, "test_acc": test_acc, "lr": lr,
                       "epoch_time_s": train_time,
                       "train_img_per_s": img_per_s, "test_time_s": test_time}, config["epochs"])
+        logger.evaluation(epoch + 1, confusion, test_loader.dataset.classes)
         state = checkpoint_state(model, optimizer, scheduler, epoch + 1, best, config, speed["scaler"])
         save_checkpoints(state, checkpoint_dir, improved, config["checkpoint_every"])
 
