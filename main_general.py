@@ -118,8 +118,11 @@ class StopRequest:
         self.owner = os.getpid()
 
     def handle(self, signum, frame) -> None:
-        if os.getpid() != self.owner:  # a forked DataLoader worker: the main process decides
-            return
+        if os.getpid() != self.owner:  # a forked DataLoader worker
+            if signum == signal.SIGTERM:  # as without this handler: the DataLoader ends stuck workers so
+                signal.signal(signum, signal.SIG_DFL)
+                os.kill(os.getpid(), signum)
+            return  # Ctrl-C reaches the whole process group: the main process decides
         self.signal = signal.Signals(signum)
         self.event.set()
         signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)

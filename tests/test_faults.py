@@ -76,6 +76,16 @@ def assert_same_run(work, reference, name="run"):
     assert not [n for n in os.listdir(checkpoint_dir) if ".tmp" in n]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread here and in the subprocesses: on the busy shared 2-core test machine,
+    two OpenMP threads beside a DataLoader worker process made a 2-epoch smoke run 20 times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def call_main(argv, capsys) -> tuple[int, str]:
     """main_general.main in this process: (exit status, its stderr)."""
     capsys.readouterr()
@@ -154,6 +164,31 @@ def test_sigterm_during_evaluation_finishes_the_epoch_then_stops(tmp_path, monke
     assert [r["epoch"] for r in log_data.read_metrics(str(folders(work)[0] / "metrics.jsonl"))] == [1]
 
 
+def test_ctrl_c_to_the_process_group_with_workers(tmp_path):
+    """A terminal's Ctrl-C reaches the DataLoader workers too: they leave the stop to the main process."""
+    work = tmp_path / "work"
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "main_general.py"),
+                                *flags(work, "--num-workers", "1", "--epochs", "3", "--run-name", "run")],
+                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    metrics = folders(work)[0] / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and process.poll() is None and not metrics.exists():
+        time.sleep(0.01)
+    os.killpg(process.pid, signal.SIGINT)
+    err = process.communicate(timeout=240)[1]
+    assert process.returncode == 130, err
+    assert err.count("SIGINT: stopping before the next training step") == 1 and "Traceback" not in err
+    assert "resume with: python main_general.py" in err.splitlines()[-1]
+
+
+def test_resume_command_replaces_an_earlier_resume():
+    argv = ["--epochs", "9", "--resume", "latest", "--resume=old.pt", "--run-name", "a b"]
+    assert main_general.resume_command(argv, "ck/last.pt") == \
+        "python main_general.py --epochs 9 --run-name 'a b' --resume ck/last.pt"
+
+
 def test_second_sigint_stops_at_once(tmp_path, monkeypatch, capsys):
     def twice(loss):
         os.kill(os.getpid(), signal.SIGINT)
@@ -176,8 +211,9 @@ def test_exact_resume_with_worker_processes(tmp_path, monkeypatch):
     (straight, _), (resumed, _) = folders(tmp_path / "straight"), folders(tmp_path / "work")
     assert comparable(log_data.read_metrics(str(resumed / "metrics.jsonl"))) == \
         comparable(log_data.read_metrics(str(straight / "metrics.jsonl")))
+    weights = load(folders(tmp_path / "work")[1] / "last.pt")["model"]
     for key, tensor in load(folders(tmp_path / "straight")[1] / "last.pt")["model"].items():
-        assert torch.equal(load(folders(tmp_path / "work")[1] / "last.pt")["model"][key], tensor), key
+        assert torch.equal(weights[key], tensor), key
 
 
 # --- hard kills ---
@@ -188,7 +224,7 @@ def test_sigkill_mid_checkpoint_and_at_a_random_moment(straight, tmp_path):
     happened."""
     work = tmp_path / "work"
     run_dir, checkpoint_dir = folders(work)
-    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="2")
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
     command = [sys.executable, os.path.join(ROOT, "main_general.py"), *flags(work)]
     process = subprocess.Popen([*command, "--run-name", "run"], env=env, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
