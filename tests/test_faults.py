@@ -159,7 +159,7 @@ def test_sigterm_during_evaluation_finishes_the_epoch_then_stops(tmp_path, monke
     work = tmp_path / "work"
     code, err = call_main(flags(work, "--run-name", "run"), capsys)
     assert code == 143 and "stopped by SIGTERM in epoch 2, before its first step" in err
-    assert f"resume with: python main_general.py " in err and "Traceback" not in err
+    assert "resume with: python main_general.py " in err and "Traceback" not in err
     assert load(folders(work)[1] / "last.pt")["epoch"] == 1
     assert [r["epoch"] for r in log_data.read_metrics(str(folders(work)[0] / "metrics.jsonl"))] == [1]
 
