@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from torchvision import datasets, transforms, utils
+from torchvision.datasets.utils import check_integrity
 
 from user_input import ConfigError, switched_on
 
@@ -123,12 +124,25 @@ def write_synthetic(root: str, train_size: int, test_size: int, seed: int) -> st
     return synthetic_root
 
 
+def _refuse_damaged_cifar10(folder: str) -> None:
+    """ConfigError naming the first file of an existing CIFAR-10 folder that fails its md5 check:
+    the user's files are never overwritten by a download."""
+    if not os.path.exists(folder):
+        return
+    cifar = datasets.CIFAR10
+    for name, md5 in cifar.train_list + cifar.test_list + [[cifar.meta["filename"], cifar.meta["md5"]]]:
+        if not check_integrity(os.path.join(folder, name), md5):
+            raise ConfigError(f"CIFAR-10 file {os.path.join(folder, name)} is missing or corrupt (its md5 "
+                              f"differs); delete {folder} to download CIFAR-10 again")
+    raise ConfigError(f"CIFAR-10 in {folder} cannot be read; delete that folder to download it again")
+
+
 def _cifar10(root: str, train: bool, transform) -> datasets.CIFAR10:
     """torchvision's CIFAR-10 from root/cifar-10-batches-py, downloading only when it is missing."""
     try:
         return datasets.CIFAR10(root, train=train, transform=transform, download=False)
-    except RuntimeError:  # missing or failing its md5 check
-        pass
+    except RuntimeError:  # missing, or failing its md5 check
+        _refuse_damaged_cifar10(os.path.join(root, FOLDER))
     try:
         return datasets.CIFAR10(root, train=train, transform=transform, download=True)
     except Exception as error:  # offline, unwritable, or a corrupt archive: all fixable by the user

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from typing import NamedTuple, Sequence
 
 import numpy as np
@@ -27,12 +28,35 @@ SCALARS = {  # TensorBoard tag -> metrics.jsonl key
 def read_metrics(path: str) -> list[dict]:
     """The records of metrics.jsonl, one dict per finished epoch (none if the file is missing).
 
-    A last line without its newline is a record still being written by a running run: skipped.
+    A last line without its newline is a record still being written, or one torn by a crash:
+    left out.
     """
     if not os.path.isfile(path):
         return []
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip() and line.endswith("\n")]
+
+
+EPOCH_LINE = re.compile(rb"epoch +(\d+)/\d+ ")  # the start of RunLogger.epoch's console line
+
+
+def truncate_log(path: str, start_epoch: int) -> None:
+    """Cut log.txt before the first line of an epoch after `start_epoch` (it is trained again) or
+    a line torn by a crash, so that a resumed run repeats no line."""
+    if not os.path.isfile(path):
+        return
+    with open(path, "rb") as f:
+        lines = f.readlines()
+    kept = 0
+    for line in lines:
+        match = EPOCH_LINE.match(line)
+        if not line.endswith(b"\n") or (match and int(match.group(1)) > start_epoch):
+            break
+        kept += 1
+    if kept < len(lines):
+        with open(path + ".tmp", "wb") as f:
+            f.writelines(lines[:kept])
+        os.replace(path + ".tmp", path)
 
 
 class RunLogger:
@@ -46,6 +70,7 @@ class RunLogger:
         self._rewrite_metrics()
         # purge_step hides TensorBoard events of the epochs that are trained again
         self.writer = SummaryWriter(run_dir, purge_step=start_epoch + 1 if start_epoch else None)
+        truncate_log(os.path.join(run_dir, "log.txt"), start_epoch)
         self.log_file = open(os.path.join(run_dir, "log.txt"), "a", encoding="utf-8")
         self.settings: dict | None = None
 

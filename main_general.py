@@ -5,10 +5,13 @@ Settings come from user_input.py, overridden by flags (`--help` lists them). Wat
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import random
-import shutil
+import shlex
+import signal
 import sys
+import threading
 import time
 from datetime import datetime
 
@@ -19,7 +22,7 @@ import data_preprocessing
 import model_preparation as prep
 from log_data import RunLogger
 from nntest import evaluate_confusion
-from nntrain import NonFiniteLossError, train
+from nntrain import NonFiniteLossError, TrainingInterrupted, train
 from user_input import ConfigError, parse_config, switched_on
 
 PROG = "main_general.py"
@@ -31,32 +34,60 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def check_writable(path: str, key: str) -> None:
+    """ConfigError unless `path` is, or can be created in, a writable folder."""
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key.upper()}={path!r} cannot be written: {existing} is not a writable folder; "
+                          f"choose another --{key.replace('_', '-')}")
+
+
+def _claim(run_dir: str, checkpoint_dir: str) -> bool:
+    """Create both folders; False (and nothing left behind) if either exists already."""
+    try:
+        os.makedirs(run_dir)
+    except FileExistsError:
+        return False
+    try:
+        os.makedirs(checkpoint_dir)
+    except OSError as error:
+        os.rmdir(run_dir)
+        if isinstance(error, FileExistsError):
+            return False
+        raise
+    return True
+
+
 def claim_run_dirs(config: dict, resuming: bool) -> tuple[str, str]:
-    """(run dir, checkpoint dir) of this run. A new run never reuses an existing directory."""
+    """(run dir, checkpoint dir) of this run. A new run never reuses an existing directory: its
+    name is free only if neither folder exists, and mkdir claims it atomically."""
     folder = prep.model_folder(config)
     name = config["run_name"] or datetime.now().strftime("%Y%m%d-%H%M%S")
-    base = os.path.join(config["runs_dir"], folder, name)
-    run_dir = base
+
+    def paths(name: str) -> tuple[str, str]:
+        return os.path.join(config["runs_dir"], folder, name), os.path.join(config["checkpoint_dir"], folder, name)
+
     try:
         if resuming:
-            os.makedirs(run_dir, exist_ok=True)
+            for path in paths(name):
+                os.makedirs(path, exist_ok=True)
         else:
             for suffix in range(1, 1000):  # two runs started in the same second get -2, -3, ...
-                try:
-                    os.makedirs(run_dir)
+                candidate = name if suffix == 1 else f"{name}-{suffix}"
+                if _claim(*paths(candidate)):
                     break
-                except FileExistsError:
-                    if config["run_name"]:
-                        raise ConfigError(f"run {run_dir} already exists; choose another --run-name "
-                                          f"or continue it with --resume latest") from None
-                    run_dir = f"{base}-{suffix + 1}"
-        checkpoint_dir = os.path.join(config["checkpoint_dir"], folder, os.path.basename(run_dir))
-        os.makedirs(checkpoint_dir, exist_ok=True)
+                if config["run_name"]:
+                    raise ConfigError(f"run {name} already exists in {config['runs_dir']} or "
+                                      f"{config['checkpoint_dir']}; choose another --run-name "
+                                      f"or continue it with --resume latest")
+            name = candidate
     except OSError as error:
         raise ConfigError(f"cannot create the run's folders ({error.strerror}: {error.filename}); "
                           f"check --runs-dir and --checkpoint-dir") from None
-    config["run_name"] = os.path.basename(run_dir)
-    return run_dir, checkpoint_dir
+    config["run_name"] = name
+    return paths(name)
 
 
 def checkpoint_state(model, optimizer, scheduler, next_epoch: int, best: dict, config: dict,
@@ -69,18 +100,63 @@ def checkpoint_state(model, optimizer, scheduler, next_epoch: int, best: dict, c
 
 def save_checkpoints(state: dict, checkpoint_dir: str, improved: bool, every: int) -> None:
     """last.pt every epoch, epoch_NNN.pt every `every` epochs, best.pt when the test accuracy improved."""
-    last = os.path.join(checkpoint_dir, "last.pt")
-    prep.save_checkpoint(state, last)
     epoch = state["epoch"]
+    copies = []
     if every and epoch % every == 0:
-        shutil.copyfile(last, os.path.join(checkpoint_dir, f"epoch_{epoch:03d}.pt"))
+        copies.append(os.path.join(checkpoint_dir, f"epoch_{epoch:03d}.pt"))
     if improved:
-        temporary = os.path.join(checkpoint_dir, "best.pt.tmp")
-        shutil.copyfile(last, temporary)
-        os.replace(temporary, os.path.join(checkpoint_dir, "best.pt"))
+        copies.append(os.path.join(checkpoint_dir, "best.pt"))
+    prep.save_checkpoint(state, os.path.join(checkpoint_dir, "last.pt"), tuple(copies))
 
 
-def run(config: dict) -> None:
+class StopRequest:
+    """Set by the first SIGINT or SIGTERM: training stops before its next step. A second signal
+    acts at once (KeyboardInterrupt, or the default SIGTERM)."""
+
+    def __init__(self):
+        self.event = threading.Event()
+        self.signal = None
+        self.resume_from = ""  # the checkpoint a stop resumes from, once there is one
+        self.owner = os.getpid()
+
+    def handle(self, signum, frame) -> None:
+        if os.getpid() != self.owner:  # a forked DataLoader worker
+            if signum == signal.SIGTERM:  # as without this handler: the DataLoader ends stuck workers so
+                signal.signal(signum, signal.SIG_DFL)
+                os.kill(os.getpid(), signum)
+            return  # Ctrl-C reaches the whole process group: the main process decides
+        self.signal = signal.Signals(signum)
+        self.event.set()
+        signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
+        os.write(2, f"\n{PROG}: {self.signal.name}: stopping before the next training step "
+                    f"(send it again to stop at once)\n".encode())
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """A StopRequest that SIGINT and SIGTERM set while the block runs."""
+    stop = StopRequest()
+    previous = {signum: signal.signal(signum, stop.handle) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def resume_command(argv: list[str], checkpoint: str) -> str:
+    """The command line that continues this run from `checkpoint`."""
+    kept, skip = [], False
+    for arg in argv:
+        if not skip and arg != "--resume" and not arg.startswith("--resume="):
+            kept.append(arg)
+        skip = arg == "--resume"
+    return shlex.join(["python", PROG, *kept, "--resume", checkpoint])
+
+
+def run(config: dict, stop: StopRequest) -> None:
+    check_writable(config["runs_dir"], "runs_dir")
+    check_writable(config["checkpoint_dir"], "checkpoint_dir")
     checkpoint = prep.resolve_resume(config)
     if checkpoint is not None:
         config["run_name"] = checkpoint["config"]["run_name"]
@@ -101,6 +177,12 @@ def run(config: dict) -> None:
         start_epoch, best = checkpoint["epoch"], {"acc": checkpoint["best_acc"], "epoch": checkpoint["best_epoch"]}
 
     run_dir, checkpoint_dir = claim_run_dirs(config, resuming=checkpoint is not None)
+    last = os.path.join(checkpoint_dir, "last.pt")
+    if checkpoint is None:  # epoch 0: a run killed in its first epoch can be resumed too
+        prep.save_checkpoint(checkpoint_state(model, optimizer, scheduler, 0, best, config, speed["scaler"]), last)
+    else:
+        prep.remove_stale_temporaries(checkpoint_dir)
+    stop.resume_from = last
     logger = RunLogger(run_dir, start_epoch)
     try:
         logger.text(f"{config['model']} ResNet-50, {prep.count_parameters(model):,} parameters, on {device}; "
@@ -115,14 +197,20 @@ def run(config: dict) -> None:
         logger.config(config)
         logger.samples(data_preprocessing.sample_grid(train_loader.dataset, config["seed"]))
         train_epochs(config, model, (train_loader, test_loader, generator), criterion, optimizer, scheduler,
-                     device, start_epoch, best, logger, checkpoint_dir, speed)
+                     device, start_epoch, best, logger, checkpoint_dir, speed, stop)
         logger.text(logger.summary())
+    except TrainingInterrupted as error:
+        logger.text(f"stopped by {stop.signal.name} in {error}; a resume from {last} trains that epoch again")
+        raise
+    except NonFiniteLossError as error:
+        logger.text(f"stopped: {error}")
+        raise
     finally:
         logger.close()
 
 
 def train_epochs(config, model, data, criterion, optimizer, scheduler, device, start_epoch, best,
-                 logger, checkpoint_dir, speed: dict) -> None:
+                 logger, checkpoint_dir, speed: dict, stop) -> None:
     """``speed``: autocast context, gradient scaler and channels_last flag, as made in run()."""
     train_loader, test_loader, generator = data
     if start_epoch >= config["epochs"]:
@@ -131,7 +219,8 @@ def train_epochs(config, model, data, criterion, optimizer, scheduler, device, s
         data_preprocessing.seed_epoch(generator, config["seed"], epoch)
         lr = optimizer.param_groups[0]["lr"]
         train_loss, train_acc, train_time, img_per_s = train(model, train_loader, criterion, optimizer, device,
-                                                             epoch, config["max_batches"], **speed)
+                                                             epoch, config["max_batches"], **speed,
+                                                             stop=stop.event)
         test_start = time.perf_counter()
         test_loss, test_acc, confusion = evaluate_confusion(model, test_loader, criterion, device, config["max_batches"],
                                                             autocast=speed["autocast"],
@@ -148,18 +237,29 @@ def train_epochs(config, model, data, criterion, optimizer, scheduler, device, s
         logger.evaluation(epoch + 1, confusion, test_loader.dataset.classes)
         state = checkpoint_state(model, optimizer, scheduler, epoch + 1, best, config, speed["scaler"])
         save_checkpoints(state, checkpoint_dir, improved, config["checkpoint_every"])
+        if stop.event.is_set() and epoch + 1 < config["epochs"]:
+            raise TrainingInterrupted(f"epoch {epoch + 2}, before its first step")
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     config = parse_config(argv, prog=PROG)
-    try:
-        run(config)
-    except ConfigError as error:
-        print(f"{PROG}: error: {error}", file=sys.stderr)
-        return 2
-    except NonFiniteLossError as error:
-        print(f"{PROG}: error: {error}; the last checkpoint is the last good one", file=sys.stderr)
-        return 1
+    with stop_on_signals() as stop:
+        try:
+            run(config, stop)
+        except ConfigError as error:
+            print(f"{PROG}: error: {error}", file=sys.stderr)
+            return 2
+        except NonFiniteLossError as error:
+            print(f"{PROG}: error: {error}; the last checkpoint is the last good one", file=sys.stderr)
+            return 1
+        except (TrainingInterrupted, KeyboardInterrupt) as error:
+            where = f"in {error}" if isinstance(error, TrainingInterrupted) else "at once"
+            signal_name = stop.signal.name if stop.signal else "SIGINT"
+            resume = (f"resume with: {resume_command(argv, stop.resume_from)}" if stop.resume_from
+                      else "no checkpoint was written yet; start the run again")
+            print(f"{PROG}: stopped by {signal_name} {where}; {resume}", file=sys.stderr)
+            return 128 + (stop.signal or signal.SIGINT)
     return 0
 
 

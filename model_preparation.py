@@ -6,6 +6,9 @@ import glob
 import math
 import os
 import random
+import re
+import shutil
+import sys
 
 import numpy as np
 import torch
@@ -176,46 +179,121 @@ def set_rng_states(states: dict) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def save_checkpoint(state: dict, path: str) -> None:
-    """Write to a temporary file in the same folder, then rename: a crash never leaves half a file."""
-    temporary = f"{path}.tmp-{os.getpid()}"
-    torch.save(state, temporary)
+CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "epoch", "best_acc", "best_epoch", "config", "rng")
+
+
+def temporary_path(path: str) -> str:
+    """Where `path` is written before it is renamed into place; stale ones are removed on resume."""
+    return f"{path}.tmp-{os.getpid()}"
+
+
+def save_checkpoint(state: dict, path: str, copies: tuple[str, ...] = ()) -> None:
+    """Write `state` to `path` and to every path in `copies`, each complete or not at all.
+
+    Each file is written to a temporary file in the same folder, flushed to disk and renamed into
+    place. `path` is renamed last, so a crash never leaves it ahead of its copies (best.pt, epoch_NNN.pt).
+    """
+    temporary = temporary_path(path)
+    with open(temporary, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    for copy in copies:
+        shutil.copyfile(temporary, temporary_path(copy))
+        os.replace(temporary_path(copy), copy)
     os.replace(temporary, path)
 
 
+def remove_stale_temporaries(checkpoint_dir: str) -> None:
+    """Delete half-written checkpoints left by a run that was killed while saving."""
+    for path in glob.glob(os.path.join(checkpoint_dir, "*.pt.tmp-*")):
+        os.remove(path)
+
+
 def load_checkpoint(path: str) -> dict:
+    """The checkpoint at `path`; ConfigError naming the file if it is missing, unreadable or foreign."""
     if not os.path.isfile(path):
         raise ConfigError(f"checkpoint {path} does not exist")
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as error:
         raise ConfigError(f"checkpoint {path} cannot be read ({type(error).__name__}); it may be "
-                          f"truncated or corrupt: resume from another checkpoint of the run") from None
+                          f"truncated or corrupt: use another checkpoint of the run") from None
+    if not isinstance(checkpoint, dict) or not set(CHECKPOINT_KEYS) <= set(checkpoint):
+        raise ConfigError(f"{path} is not a checkpoint of main_general.py (it lacks "
+                          f"{', '.join(CHECKPOINT_KEYS)}); use a last.pt, best.pt or epoch_NNN.pt")
+    return checkpoint
 
 
-def latest_checkpoint(config: dict) -> str:
-    """last.pt of the most recently written run of MODEL under CHECKPOINT_DIR."""
+def latest_run(config: dict) -> str:
+    """Checkpoint folder of the most recently saved run of MODEL under CHECKPOINT_DIR."""
     pattern = os.path.join(config["checkpoint_dir"], model_folder(config), "*", "last.pt")
     candidates = glob.glob(pattern)
     if not candidates:
         raise ConfigError(f"--resume latest found no checkpoint matching {pattern}; "
                           f"start a run without --resume first")
-    return max(candidates, key=os.path.getmtime)
+    return os.path.dirname(max(candidates, key=os.path.getmtime))
+
+
+def newest_loadable(run_checkpoints: str) -> dict:
+    """last.pt of a run or, when that cannot be loaded, the loadable best.pt or epoch_NNN.pt with
+    the highest epoch, with a warning on stderr naming what was skipped."""
+    last = os.path.join(run_checkpoints, "last.pt")
+    try:
+        return dict(load_checkpoint(last), path=last)
+    except ConfigError as error:
+        skipped = [str(error)]
+    found = []
+    best = os.path.join(run_checkpoints, "best.pt")
+    numbered = sorted((path for path in glob.glob(os.path.join(run_checkpoints, "epoch_*.pt"))
+                       if re.fullmatch(r"epoch_\d+\.pt", os.path.basename(path))),
+                      key=lambda path: int(os.path.basename(path)[6:-3]), reverse=True)
+    for group in ([best], numbered):  # best.pt, and the highest-numbered epoch_NNN.pt that loads
+        for path in group:
+            try:
+                found.append(dict(load_checkpoint(path), path=path))
+                break
+            except ConfigError as error:
+                if os.path.exists(path):
+                    skipped.append(str(error))
+    if not found:
+        raise ConfigError(f"--resume latest found no loadable checkpoint in {run_checkpoints} "
+                          f"({'; '.join(skipped)})")
+    checkpoint = max(found, key=lambda c: c["epoch"])
+    print(f"warning: {'; '.join(skipped)}; resuming from {checkpoint['path']} (epoch {checkpoint['epoch']}) "
+          f"instead", file=sys.stderr)
+    return checkpoint
+
+
+def model_differences(saved: dict, config: dict) -> list[str]:
+    """The settings shaping `config`'s network that differ in `saved`, as "KEY=saved (now new)".
+
+    Lambda settings do not shape a baseline, and LAMBDA_R only shapes the "conv" mode.
+    """
+    keys = MODEL_KEYS
+    if config["model"] == "baseline":
+        keys = ("model", "stem")
+    elif config["lambda_position"] != "conv":
+        keys = tuple(key for key in MODEL_KEYS if key != "lambda_r")
+    return [f"{key.upper()}={saved.get(key)!r} (now {config[key]!r})" for key in keys if saved.get(key) != config[key]]
 
 
 def resolve_resume(config: dict) -> dict | None:
-    """The checkpoint to resume from (checked against the model settings), or None."""
+    """The checkpoint to resume from (checked against the model settings), or None.
+
+    "latest" takes the newest run of MODEL and falls back from a damaged last.pt to the newest
+    loadable checkpoint of that run; an explicit path must load.
+    """
     if not config["resume"]:
         return None
-    path = latest_checkpoint(config) if config["resume"] == "latest" else config["resume"]
-    checkpoint = load_checkpoint(path)
-    saved = checkpoint["config"]
-    different = [f"{key.upper()}={saved[key]!r} (now {config[key]!r})"
-                 for key in MODEL_KEYS if saved.get(key) != config[key]]
+    if config["resume"] == "latest":
+        checkpoint = newest_loadable(latest_run(config))
+    else:
+        checkpoint = dict(load_checkpoint(config["resume"]), path=config["resume"])
+    path, different = checkpoint["path"], model_differences(checkpoint["config"], config)
     if different:
         raise ConfigError(f"checkpoint {path} was trained with {', '.join(different)}; "
                           f"resume with the same model settings")
-    checkpoint["path"] = path
     return checkpoint
 
 

@@ -90,10 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def checkpoint_config(checkpoint: dict, path: str, overrides: dict) -> dict:
+def checkpoint_config(checkpoint: dict, overrides: dict) -> dict:
     """The checkpoint's settings (completed with today's defaults) with the command line's data flags."""
-    if not isinstance(checkpoint, dict) or not {"model", "config"} <= set(checkpoint):
-        raise user_input.ConfigError(f"{path} is not a checkpoint of main_general.py (it has no model and config)")
     config = {**user_input.defaults(), **checkpoint["config"]}
     config.update({key: value for key, value in overrides.items() if value is not None})
     user_input.validate(config)
@@ -103,7 +101,7 @@ def checkpoint_config(checkpoint: dict, path: str, overrides: dict) -> dict:
 def evaluate_checkpoint(path: str, overrides: dict, out_dir: str) -> dict:
     """Evaluate the checkpoint at `path`; print the results and save the confusion PNG in `out_dir`."""
     checkpoint = prep.load_checkpoint(path)
-    config = checkpoint_config(checkpoint, path, overrides)
+    config = checkpoint_config(checkpoint, overrides)
     device = prep.select_device(config["device"])
     model = prep.build_model(config)
     try:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 import time
 
 import torch
@@ -15,6 +16,10 @@ class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite."""
 
 
+class TrainingInterrupted(Exception):
+    """`stop` was set (by SIGINT or SIGTERM); the message says where training stopped."""
+
+
 def synchronize(device: torch.device) -> None:
     """Wait for queued device work, so that the clock reads the time the work really took."""
     if device.type == "cuda":
@@ -23,14 +28,26 @@ def synchronize(device: torch.device) -> None:
         torch.mps.synchronize()
 
 
+def check_finite(first_bad_step: torch.Tensor, epoch: int) -> None:
+    """Raise NonFiniteLossError if the device recorded a non-finite loss (a host sync)."""
+    step = int(first_bad_step.item())
+    if step:
+        raise NonFiniteLossError(f"non-finite training loss in epoch {epoch + 1}, step {step} "
+                                 f"(found on the device a few steps later)")
+
+
 def train(model: nn.Module, loader: DataLoader, criterion: nn.Module, optimizer: torch.optim.Optimizer,
           device: torch.device, epoch: int, max_batches: int = 0, *, autocast=None,
-          scaler: torch.amp.GradScaler | None = None, channels_last: bool = False) -> tuple[float, float, float, float]:
+          scaler: torch.amp.GradScaler | None = None, channels_last: bool = False,
+          stop: threading.Event | None = None) -> tuple[float, float, float, float]:
     """Train for one epoch; return (mean loss, top-1 accuracy %, seconds, images per second).
 
     Loss and correct counts accumulate on the device; the host reads them about twice a second
     for the progress bar and once at the end, never once per step. ``autocast``: the run's one
     autocast context (model_preparation.autocast); ``scaler``: the fp16 gradient scaler.
+    A non-finite loss raises NonFiniteLossError naming its step: on the CPU before that step is
+    applied; on an accelerator (no per-step sync) at the next read, the first bad step being
+    recorded on the device. When `stop` is set, TrainingInterrupted is raised before the next step.
     """
     model.train()
     autocast = autocast if autocast is not None else contextlib.nullcontext()
@@ -38,6 +55,7 @@ def train(model: nn.Module, loader: DataLoader, criterion: nn.Module, optimizer:
     total = min(len(loader), max_batches) if max_batches else len(loader)
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
+    first_bad_step = torch.zeros((), device=device, dtype=torch.long)  # 1-based; 0: none yet
     seen, shown_at = 0, 0.0
     synchronize(device)
     start = time.perf_counter()
@@ -45,11 +63,20 @@ def train(model: nn.Module, loader: DataLoader, criterion: nn.Module, optimizer:
     for step, (images, labels) in enumerate(bar):
         if step == total:
             break
+        if stop is not None and stop.is_set():
+            raise TrainingInterrupted(f"epoch {epoch + 1}, step {step + 1} of {total}")
         images = images.to(device, non_blocking=True, memory_format=memory_format)
         labels = labels.to(device, non_blocking=True)
         with autocast:
             logits = model(images)
             loss = criterion(logits, labels)
+        if device.type == "cpu":  # a check is free on the CPU: stop before the step is applied
+            if not math.isfinite(loss.item()):
+                raise NonFiniteLossError(f"non-finite training loss ({loss.item()}) in epoch {epoch + 1}, "
+                                         f"step {step + 1}")
+        else:  # remember the first bad step on the device, read at the next sync
+            bad = (first_bad_step == 0) & ~torch.isfinite(loss.detach())
+            first_bad_step = torch.where(bad, step + 1, first_bad_step)
         optimizer.zero_grad(set_to_none=True)
         if scaler is None:
             loss.backward()
@@ -63,16 +90,14 @@ def train(model: nn.Module, loader: DataLoader, criterion: nn.Module, optimizer:
         correct += (logits.argmax(dim=1) == labels).sum()
         seen += labels.size(0)
         now = time.perf_counter()
-        if now - shown_at > 0.5:  # this .item() is the only host sync inside the loop
+        if now - shown_at > 0.5:  # these .item() are the only host syncs inside the loop
             shown_at = now
+            check_finite(first_bad_step, epoch)
             mean_loss = loss_sum.item() / seen
-            if not math.isfinite(mean_loss):
-                raise NonFiniteLossError(f"non-finite training loss in epoch {epoch + 1}, step {step + 1}")
             bar.set_postfix(loss=f"{mean_loss:.3f}", acc=f"{100 * correct.item() / seen:.1f}",
                             img_s=f"{seen / (now - start):.0f}")
     synchronize(device)
     elapsed = time.perf_counter() - start
+    check_finite(first_bad_step, epoch)
     mean_loss = loss_sum.item() / max(seen, 1)
-    if not math.isfinite(mean_loss):
-        raise NonFiniteLossError(f"non-finite training loss in epoch {epoch + 1}")
     return mean_loss, 100.0 * correct.item() / max(seen, 1), elapsed, seen / elapsed

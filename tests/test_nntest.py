@@ -98,7 +98,8 @@ def checkpoint(tmp_path_factory):
     torch.manual_seed(0)
     model = prep.build_model(config)
     path = folder / "best.pt"
-    prep.save_checkpoint({"model": model.state_dict(), "config": config, "epoch": 7}, str(path))
+    state = {**dict.fromkeys(prep.CHECKPOINT_KEYS), "model": model.state_dict(), "config": config, "epoch": 7}
+    prep.save_checkpoint(state, str(path))
     return path, config, model
 
 
