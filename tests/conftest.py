@@ -24,6 +24,18 @@ def run_main(args: list[str], cwd: str, timeout: float = 300) -> subprocess.Comp
                           capture_output=True, text=True, timeout=timeout, env=env)
 
 
+def refused_settings(argv: list[str], capsys) -> str:
+    """Parse `argv` as main_general.py does; assert exit status 2 and one stderr line; return it."""
+    import user_input
+
+    with pytest.raises(SystemExit) as exit_info:
+        user_input.parse_config(argv, prog="main_general.py")
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("main_general.py: error: ")
+    return err
+
+
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory) -> str:
     """DATA_DIR holding a small synthetic set (train 200, test 100, seed 0)."""
