@@ -78,6 +78,19 @@ def relative_index(size: tuple[int, int]) -> torch.Tensor:
     return offset_rows * (2 * width - 1) + offset_cols  # n, m
 
 
+def reachable_kernel(kernel: torch.Tensor, height: int, width: int) -> tuple[torch.Tensor, int, int]:
+    """The centre of an r x r lambda-convolution kernel that an H x W map can reach, and its padding.
+
+    With zero padding r // 2, a kernel tap at an offset of H or more rows (W or more columns) from
+    the query only ever meets padding; cutting those taps away gives the same output with less work
+    (a 23 x 23 kernel on an 8 x 8 map runs as 15 x 15).
+    """
+    centre = kernel.shape[-1] // 2  # kernel: k, u, 1, r, r
+    pad_y, pad_x = min(centre, height - 1), min(centre, width - 1)
+    kernel = kernel[..., centre - pad_y:centre + pad_y + 1, centre - pad_x:centre + pad_x + 1]  # k, u, 1, <=r, <=r
+    return kernel, pad_y, pad_x
+
+
 def queries_first(heads: int, dim_k: int, dim_u: int, dim_v: int, context: int) -> bool:
     """Contract queries with E before the values: fewer multiply-adds and no larger intermediate."""
     return heads * (dim_k + dim_v) < dim_k * dim_v and heads * context * dim_u <= dim_k * dim_v
@@ -199,8 +212,8 @@ class LambdaLayer(nn.Module):
         if self.position == "conv":
             b, u, v, n = values.shape
             volume = values.reshape(b, u, v, height, width)  # b, u (channels), v (depth), H, W
-            pad = self.r // 2
-            position_lambdas = F.conv3d(volume, embedding, padding=(0, pad, pad))  # b, k, v, H, W
+            kernel, pad_y, pad_x = reachable_kernel(embedding, height, width)
+            position_lambdas = F.conv3d(volume, kernel, padding=(0, pad_y, pad_x))  # b, k, v, H, W
             position_lambdas = position_lambdas.reshape(b, self.dim_k, v, n)          # b, k, v, n
             return torch.einsum("bhkn,bkvn->bhvn", queries, position_lambdas)        # b, h, v, n
         if self.position == "relative":

@@ -3,6 +3,7 @@ hybrid networks, their settings, and end-to-end runs of a local-context and a hy
 from __future__ import annotations
 
 import json
+from unittest.mock import patch
 
 import pytest
 import torch
@@ -10,12 +11,14 @@ import torch
 import model_preparation as prep
 import user_input
 from conftest import SMOKE_FLAGS, refused_settings, run_main
-from lambda_layer import LambdaLayer, queries_first, relative_index
+from lambda_layer import LambdaLayer, queries_first, reachable_kernel, relative_index
 from resnet_lambda import lambda_resnet50
 from test_lambda_layer import randomized_layer, reference_lambda
 
-# (position, r, map size): non-square maps; conv contexts smaller than, and as large as, the map
-MODES = [("absolute", None, (3, 4)), ("relative", None, (3, 5)), ("conv", 3, (4, 5)), ("conv", 5, (3, 2))]
+# (position, r, map size): non-square maps; conv contexts smaller than, as large as, and larger than
+# the map (the taps no position can reach are cut away: lambda_layer.reachable_kernel)
+MODES = [("absolute", None, (3, 4)), ("relative", None, (3, 5)), ("conv", 3, (4, 5)), ("conv", 5, (3, 2)),
+         ("conv", 9, (2, 3))]
 MODE_IDS = [f"{p}-r{r}-{h}x{w}" if r else f"{p}-{h}x{w}" for p, r, (h, w) in MODES]
 
 
@@ -117,6 +120,24 @@ def test_conv_covering_the_map_equals_relative(size):
         torch.testing.assert_close(conv(x), relative(x), rtol=1e-5, atol=1e-5)
         conv.embedding.normal_()  # not vacuous: other weights give another function
         assert not torch.allclose(conv(x), relative(x), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("size", [(1, 1), (2, 3), (8, 8), (12, 5)])
+def test_cutting_unreachable_taps_changes_nothing(size):
+    """A 23 x 23 kernel run whole (zero padding 11) and cut to the reachable taps: same output and gradient."""
+    layer = mode_layer("conv", 23, size, dim_u=2).double().eval()
+    height, width = size
+    assert reachable_kernel(layer.embedding, height, width)[0].shape[-2:] == (2 * height - 1, 2 * width - 1)
+    x = torch.randn(2, 6, *size, dtype=torch.float64)
+    cut = layer(x)
+    (cut * torch.linspace(-1, 1, cut.numel(), dtype=torch.float64).view_as(cut)).sum().backward()
+    grad_cut = layer.embedding.grad.clone()
+    layer.embedding.grad = None
+    with patch("lambda_layer.reachable_kernel", lambda kernel, height, width: (kernel, 11, 11)):
+        whole = layer(x)
+    (whole * torch.linspace(-1, 1, whole.numel(), dtype=torch.float64).view_as(whole)).sum().backward()
+    torch.testing.assert_close(cut, whole, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad_cut, layer.embedding.grad, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("position, r, size", MODES, ids=MODE_IDS)
