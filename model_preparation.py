@@ -226,6 +226,8 @@ def distribute(model: nn.Module, config: dict, device: torch.device) -> nn.Modul
     """DistributedDataParallel (with SyncBatchNorm if SYNC_BN) under torchrun; `model` otherwise."""
     if not distributed():
         return model  # SYNC_BN has nothing to synchronise on one process
+    if config["sync_bn"] and device.type != "cuda":
+        raise ConfigError("SYNC_BN needs CUDA (SyncBatchNorm has no CPU kernel); drop --sync-bn on the CPU")
     if config["sync_bn"]:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
