@@ -119,6 +119,12 @@ class StopRequest:
         self.resume_from = ""  # the checkpoint a stop resumes from, once there is one
         self.owner = os.getpid()
 
+    def name(self) -> str:
+        """The signal that stopped the run, as the messages name it."""
+        if self.signal is not None:
+            return self.signal.name
+        return "a signal to another rank" if prep.distributed() else "SIGINT"
+
     def handle(self, signum, frame) -> None:
         if os.getpid() != self.owner:  # a forked DataLoader worker
             if signum == signal.SIGTERM:  # as without this handler: the DataLoader ends stuck workers so
@@ -242,7 +248,7 @@ def run(config: dict, stop: StopRequest) -> None:
                      device, start_epoch, best, logger, checkpoint_dir, speed, stop)
         logger.text(logger.summary())
     except TrainingInterrupted as error:
-        logger.text(f"stopped by {stop.signal.name} in {error}; a resume from {last} trains that epoch again")
+        logger.text(f"stopped by {stop.name()} in {error}; a resume from {last} trains that epoch again")
         raise
     except NonFiniteLossError as error:
         logger.text(f"stopped: {error}")
@@ -303,10 +309,9 @@ def main(argv: list[str] | None = None) -> int:
         except (TrainingInterrupted, KeyboardInterrupt) as error:
             if prep.is_main():
                 where = f"in {error}" if isinstance(error, TrainingInterrupted) else "at once"
-                signal_name = stop.signal.name if stop.signal else "SIGINT"
                 resume = (f"resume with: {resume_command(argv, stop.resume_from)}" if stop.resume_from
                           else "no checkpoint was written yet; start the run again")
-                print(f"{PROG}: stopped by {signal_name} {where}; {resume}", file=sys.stderr)
+                print(f"{PROG}: stopped by {stop.name()} {where}; {resume}", file=sys.stderr)
             return 128 + (stop.signal or signal.SIGINT)
         finally:
             prep.close_distributed()

@@ -5,8 +5,10 @@ from __future__ import annotations
 import glob
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -101,3 +103,47 @@ def test_device_loader_shards_are_one_global_batch(synthetic_root):
     assert len(labels) == 100
     assert torch.equal(labels.sort().values, torch.as_tensor(test_set.targets).sort().values)
     assert len(torch.unique(images.flatten(1), dim=0)) == 100  # no image twice
+
+
+
+def worker_pid(tag: str, rank: int) -> int | None:
+    """The pid of torchrun's worker `rank` whose environment holds DDP_TEST_TAG=tag, if it runs."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = dict(item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item)
+        except OSError:
+            continue
+        if env.get(b"DDP_TEST_TAG") == tag.encode() and env.get(b"RANK") == str(rank).encode():
+            return int(pid)
+    return None
+
+
+def test_sigterm_to_one_rank_stops_both_at_the_same_step(tmp_path):
+    """Rank 1 alone gets SIGTERM: both ranks stop before the same step (no rank waits forever),
+    rank 0 says so with a torchrun resume command, and last.pt still loads."""
+    tag = str(tmp_path)
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", DDP_TEST_TAG=tag)
+    flags = [*ddp_flags(50), "--synthetic-train-size", "128", "--run-name", "stop"]
+    launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                 "--nproc_per_node=2", os.path.join(ROOT, "main_general.py"), *flags],
+                                cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        metrics = tmp_path / "runs" / "Baseline" / "stop" / "metrics.jsonl"
+        deadline = time.monotonic() + 240
+        while not (metrics.exists() and metrics.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.2)  # until epoch 1 is logged: both ranks are training
+        assert metrics.exists(), "the run did not finish its first epoch"
+        os.kill(worker_pid(tag, 1), signal.SIGTERM)
+        stdout, stderr = launcher.communicate(timeout=240)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert launcher.returncode != 0  # torchrun reports the workers' status 143 as a failure
+    assert stderr.count("stopped by") == 1, stderr[-3000:]
+    message = next(line for line in stderr.splitlines() if "stopped by" in line)
+    assert "resume with: torchrun --nproc-per-node=2 main_general.py" in message
+    assert "stopped by a signal to another rank in epoch" in message
+    assert "]: Traceback" not in stderr  # no worker traceback (torchrun itself prints one for exit 143)
+    checkpoint = torch.load(tmp_path / "checkpoints" / "Baseline" / "stop" / "last.pt", weights_only=False)
+    assert 1 <= checkpoint["epoch"] < 50
