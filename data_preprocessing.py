@@ -19,7 +19,7 @@ import tempfile
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision import datasets, transforms, utils
 from torchvision.datasets.utils import check_integrity
 
@@ -200,61 +200,91 @@ class DeviceLoader:
     """
 
     def __init__(self, dataset: datasets.CIFAR10, batch_size: int, device: torch.device, train: bool,
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None, rank: int = 0, world: int = 1):
         self.dataset, self.batch_size, self.train = dataset, batch_size, train
+        self.rank, self.world = rank, world  # under torchrun: this process's share of every epoch
         self.images = torch.from_numpy(dataset.data).to(device).permute(0, 3, 1, 2).contiguous()  # N, 3, 32, 32
         self.labels = torch.as_tensor(dataset.targets, device=device)                             # N
         self.generator = generator if generator is not None else torch.Generator(device=device)
         self.mean = 255 * torch.tensor(CIFAR10_MEAN, device=device).view(1, 3, 1, 1)
         self.std = 255 * torch.tensor(CIFAR10_STD, device=device).view(1, 3, 1, 1)
         # as in build_loaders: a last batch of one image would break BatchNorm on the 1x1 maps of c5
-        self.drop_last = train and len(self.labels) > batch_size
+        self.drop_last = train and len(self.labels) > batch_size * world
 
     def __len__(self) -> int:
-        count = len(self.labels)
-        return count // self.batch_size if self.drop_last else -(-count // self.batch_size)
+        if not self.train:  # every rank's share of the test set, each image once
+            return -(-len(shard(len(self.labels), self.rank, self.world)) // self.batch_size)
+        count, global_batch = len(self.labels), self.batch_size * self.world
+        return count // global_batch if self.drop_last else -(-count // global_batch)
 
     def __iter__(self):
+        """Training: every rank draws the same order and crops of each global batch (batch size x
+        world size images) and keeps every world-th image from its rank on, so the ranks' batches
+        together are the batch a single process with the global batch size would see."""
         count, device = len(self.labels), self.images.device
-        order = (torch.randperm(count, generator=self.generator, device=device) if self.train
-                 else torch.arange(count, device=device))
+        if not self.train:
+            order = torch.arange(count, device=device)[self.rank::self.world]
+            for step in range(len(self)):
+                index = order[step * self.batch_size:(step + 1) * self.batch_size]
+                yield (self.images[index].float() - self.mean) / self.std, self.labels[index]  # ToTensor + Normalize
+            return
+        order = torch.randperm(count, generator=self.generator, device=device)
+        global_batch = self.batch_size * self.world
         for step in range(len(self)):
-            index = order[step * self.batch_size:(step + 1) * self.batch_size]
-            images = self.images[index]
-            if self.train:
-                images = random_crop_flip(images, self.generator)
-            yield (images.float() - self.mean) / self.std, self.labels[index]  # ToTensor + Normalize in one
+            index = order[step * global_batch:(step + 1) * global_batch]
+            images = random_crop_flip(self.images[index], self.generator)[self.rank::self.world]
+            yield (images.float() - self.mean) / self.std, self.labels[index][self.rank::self.world]
 
 
-def build_loaders(config: dict, device: torch.device) -> tuple[DataLoader, DataLoader, torch.Generator]:
+def build_loaders(config: dict, device: torch.device, rank: int = 0, world: int = 1
+                  ) -> tuple[DataLoader, DataLoader, torch.Generator]:
     """Train and test loaders, and the generator that fixes the training order and augmentation.
 
     With GPU_LOADER on (by default on CUDA) both are DeviceLoaders and the generator lives on the device.
+    Under torchrun (``world`` > 1) each rank gets its share: training batches from a
+    DistributedSampler (the same number on every rank), and test images rank, rank + world, ...,
+    so that together the ranks see every test image exactly once.
     """
     train_set, test_set = build_datasets(config)
     if switched_on(config["gpu_loader"], device):
         generator = torch.Generator(device=device)
-        return (DeviceLoader(train_set, config["batch_size"], device, train=True, generator=generator),
-                DeviceLoader(test_set, config["batch_size"], device, train=False), generator)
+        return (DeviceLoader(train_set, config["batch_size"], device, train=True, generator=generator,
+                             rank=rank, world=world),
+                DeviceLoader(test_set, config["batch_size"], device, train=False, rank=rank, world=world), generator)
     generator = torch.Generator()
     common = dict(batch_size=config["batch_size"], num_workers=config["num_workers"],
                   pin_memory=device.type == "cuda")
     # drop_last: a last batch of one image would break BatchNorm on the 1x1 maps of c5
-    train_loader = DataLoader(train_set, shuffle=True, drop_last=len(train_set) > config["batch_size"],
-                              generator=generator, **common)
-    test_loader = DataLoader(test_set, shuffle=False, **common)
+    if world == 1:
+        train_loader = DataLoader(train_set, shuffle=True, drop_last=len(train_set) > config["batch_size"],
+                                  generator=generator, **common)
+        return train_loader, DataLoader(test_set, shuffle=False, **common), generator
+    # the sampler shuffles by (SEED, epoch); the workers' seeds come from the rank's own global RNG
+    sampler = DistributedSampler(train_set, world, rank, shuffle=True, seed=config["seed"], drop_last=True)
+    train_loader = DataLoader(train_set, sampler=sampler, drop_last=len(sampler) > config["batch_size"], **common)
+    test_loader = DataLoader(test_set, sampler=shard(len(test_set), rank, world), **common)
     return train_loader, test_loader, generator
 
 
-def seed_epoch(generator: torch.Generator, seed: int, epoch: int) -> None:
-    """Make epoch `epoch`'s data order and augmentation depend only on (seed, epoch).
+def shard(count: int, rank: int, world: int) -> range:
+    """The indices of `count` items that rank `rank` of `world` handles: each exactly once over all ranks."""
+    return range(rank, count, world)
+
+
+def seed_epoch(generator: torch.Generator, seed: int, epoch: int, train_loader=None, rank: int = 0) -> None:
+    """Make epoch `epoch`'s data order and augmentation depend only on (seed, epoch) (and the rank).
 
     The generator draws the shuffle and the worker seeds (and, for a DeviceLoader, the crops and
     flips); the global RNG drives the DataLoader's augmentation when NUM_WORKERS is 0. Seeding both per epoch is what lets a resumed run see the same data.
+    Under torchrun the generator is the same on every rank (a DeviceLoader's shared order), the
+    global RNG differs per rank (the DataLoader's augmentation and worker seeds), and a
+    DistributedSampler of `train_loader` is told the epoch.
     """
     epoch_seed = seed * 100_003 + epoch
     generator.manual_seed(epoch_seed)
-    torch.manual_seed(epoch_seed)
+    torch.manual_seed(epoch_seed + 1_000_003 * rank)
+    if isinstance(getattr(train_loader, "sampler", None), DistributedSampler):
+        train_loader.sampler.set_epoch(epoch)
 
 
 def denormalize(images: torch.Tensor) -> torch.Tensor:

@@ -119,6 +119,12 @@ class StopRequest:
         self.resume_from = ""  # the checkpoint a stop resumes from, once there is one
         self.owner = os.getpid()
 
+    def name(self) -> str:
+        """The signal that stopped the run, as the messages name it."""
+        if self.signal is not None:
+            return self.signal.name
+        return "a signal to another rank" if prep.distributed() else "SIGINT"
+
     def handle(self, signum, frame) -> None:
         if os.getpid() != self.owner:  # a forked DataLoader worker
             if signum == signal.SIGTERM:  # as without this handler: the DataLoader ends stuck workers so
@@ -145,27 +151,61 @@ def stop_on_signals():
 
 
 def resume_command(argv: list[str], checkpoint: str) -> str:
-    """The command line that continues this run from `checkpoint`."""
+    """The command line that continues this run from `checkpoint` (with torchrun if it ran under it)."""
     kept, skip = [], False
     for arg in argv:
         if not skip and arg != "--resume" and not arg.startswith("--resume="):
             kept.append(arg)
         skip = arg == "--resume"
-    return shlex.join(["python", PROG, *kept, "--resume", checkpoint])
+    launcher = ["python"]
+    if prep.launched_by_torchrun():
+        launcher = ["torchrun", f"--nproc-per-node={os.environ.get('LOCAL_WORLD_SIZE', prep.world_size())}"]
+    return shlex.join([*launcher, PROG, *kept, "--resume", checkpoint])
+
+
+class SilentLogger:
+    """The logger of torchrun's ranks other than 0: only rank 0 writes the run's files and prints."""
+
+    def text(self, line: str) -> None: ...
+    def config(self, config: dict) -> None: ...
+    def samples(self, grid) -> None: ...
+    def epoch(self, record: dict, epochs: int) -> None: ...
+    def evaluation(self, epoch: int, confusion, class_names) -> None: ...
+    def summary(self) -> str: return ""
+    def close(self) -> None: ...
+
+
+def resolve_resume_on_main(config: dict) -> dict | None:
+    """prep.resolve_resume on rank 0; the other ranks load the checkpoint it chose (not their own
+    "latest", which rank 0 may be writing meanwhile)."""
+    found = {}
+
+    def resolve() -> str:
+        found["checkpoint"] = prep.resolve_resume(config)
+        return found["checkpoint"]["path"] if found["checkpoint"] is not None else ""
+
+    path = prep.from_main(resolve)
+    if prep.is_main():
+        return found["checkpoint"]
+    return dict(prep.load_checkpoint(path), path=path) if path else None
 
 
 def run(config: dict, stop: StopRequest) -> None:
     check_writable(config["runs_dir"], "runs_dir")
     check_writable(config["checkpoint_dir"], "checkpoint_dir")
-    checkpoint = prep.resolve_resume(config)
+    device = prep.select_device(config["device"])
+    if prep.launched_by_torchrun():
+        device = prep.init_distributed(device)
+    checkpoint = resolve_resume_on_main(config)
     if checkpoint is not None:
         config["run_name"] = checkpoint["config"]["run_name"]
-    device = prep.select_device(config["device"])
     amp = prep.resolve_amp(config["amp"], device)
     prep.configure_backends(config, device)
     seed_everything(config["seed"])
-    model = prep.speed_up(prep.build_model(config).to(device), config, device)
-    train_loader, test_loader, generator = data_preprocessing.build_loaders(config, device)
+    model = prep.speed_up(prep.build_model(config).to(device), config, device)  # DDP under torchrun
+    # rank 0 first: it writes the synthetic set (or downloads CIFAR-10) that the others read
+    train_loader, test_loader, generator = prep.from_main(
+        lambda: data_preprocessing.build_loaders(config, device, prep.rank(), prep.world_size()), everywhere=True)
     criterion = prep.build_criterion(config)
     optimizer = prep.build_optimizer(model, config)
     scheduler = prep.build_scheduler(optimizer, config)
@@ -176,14 +216,16 @@ def run(config: dict, stop: StopRequest) -> None:
         prep.restore(checkpoint, model, optimizer, scheduler, speed["scaler"])
         start_epoch, best = checkpoint["epoch"], {"acc": checkpoint["best_acc"], "epoch": checkpoint["best_epoch"]}
 
-    run_dir, checkpoint_dir = claim_run_dirs(config, resuming=checkpoint is not None)
+    # rank 0 names the run (a timestamp) and creates its folders; the other ranks take that name
+    run_dir, checkpoint_dir = prep.from_main(lambda: claim_run_dirs(config, resuming=checkpoint is not None))
+    config["run_name"] = os.path.basename(run_dir)
     last = os.path.join(checkpoint_dir, "last.pt")
-    if checkpoint is None:  # epoch 0: a run killed in its first epoch can be resumed too
+    if prep.is_main() and checkpoint is None:  # epoch 0: a run killed in its first epoch can be resumed too
         prep.save_checkpoint(checkpoint_state(model, optimizer, scheduler, 0, best, config, speed["scaler"]), last)
-    else:
+    elif prep.is_main():
         prep.remove_stale_temporaries(checkpoint_dir)
     stop.resume_from = last
-    logger = RunLogger(run_dir, start_epoch)
+    logger = RunLogger(run_dir, start_epoch) if prep.is_main() else SilentLogger()
     try:
         logger.text(f"{config['model']} ResNet-50, {prep.count_parameters(model):,} parameters, on {device}; "
                     f"{len(train_loader.dataset)} train / {len(test_loader.dataset)} test images ({config['dataset']})")
@@ -191,16 +233,22 @@ def run(config: dict, stop: StopRequest) -> None:
         logger.text(f"speed: amp {amp}, channels_last {speed['channels_last']}, device loader "
                     f"{isinstance(train_loader, data_preprocessing.DeviceLoader)}, compile {config['compile']}, "
                     f"{torch.get_num_threads()} CPU threads")
+        if prep.distributed():
+            world = prep.world_size()
+            logger.text(f"torchrun: {world} processes ({torch.distributed.get_backend()}), global batch "
+                        f"{config['batch_size']} x {world} = {config['batch_size'] * world} images per step "
+                        f"(LR is not scaled with it), SyncBatchNorm {config['sync_bn']}")
         if checkpoint is not None:
             logger.text(f"resumed from {checkpoint['path']} at epoch {start_epoch + 1}")
         logger.text(f"run directory {run_dir}, checkpoints {checkpoint_dir}")
         logger.config(config)
-        logger.samples(data_preprocessing.sample_grid(train_loader.dataset, config["seed"]))
+        if prep.is_main():
+            logger.samples(data_preprocessing.sample_grid(train_loader.dataset, config["seed"]))
         train_epochs(config, model, (train_loader, test_loader, generator), criterion, optimizer, scheduler,
                      device, start_epoch, best, logger, checkpoint_dir, speed, stop)
         logger.text(logger.summary())
     except TrainingInterrupted as error:
-        logger.text(f"stopped by {stop.signal.name} in {error}; a resume from {last} trains that epoch again")
+        logger.text(f"stopped by {stop.name()} in {error}; a resume from {last} trains that epoch again")
         raise
     except NonFiniteLossError as error:
         logger.text(f"stopped: {error}")
@@ -216,13 +264,15 @@ def train_epochs(config, model, data, criterion, optimizer, scheduler, device, s
     if start_epoch >= config["epochs"]:
         logger.text(f"the run already has {start_epoch} epochs; pass a larger --epochs to train on")
     for epoch in range(start_epoch, config["epochs"]):
-        data_preprocessing.seed_epoch(generator, config["seed"], epoch)
+        data_preprocessing.seed_epoch(generator, config["seed"], epoch, train_loader, prep.rank())
         lr = optimizer.param_groups[0]["lr"]
         train_loss, train_acc, train_time, img_per_s = train(model, train_loader, criterion, optimizer, device,
                                                              epoch, config["max_batches"], **speed,
                                                              stop=stop.event)
         test_start = time.perf_counter()
-        test_loss, test_acc, confusion = evaluate_confusion(model, test_loader, criterion, device, config["max_batches"],
+        prep.sync_buffers(model)  # under torchrun: every rank evaluates rank 0's BatchNorm statistics
+        evaluated = prep.unwrap(model) if prep.distributed() else model
+        test_loss, test_acc, confusion = evaluate_confusion(evaluated, test_loader, criterion, device, config["max_batches"],
                                                             autocast=speed["autocast"],
                                                             channels_last=speed["channels_last"])
         test_time = time.perf_counter() - test_start
@@ -233,11 +283,13 @@ def train_epochs(config, model, data, criterion, optimizer, scheduler, device, s
         logger.epoch({"epoch": epoch + 1, "train_loss": train_loss, "train_acc": train_acc,
                       "test_loss": test_loss, "test_acc": test_acc, "lr": lr,
                       "epoch_time_s": train_time,
-                      "train_img_per_s": img_per_s, "test_time_s": test_time}, config["epochs"])
+                      "train_img_per_s": img_per_s, "test_time_s": test_time,
+                      "test_images": int(confusion.sum())}, config["epochs"])
         logger.evaluation(epoch + 1, confusion, test_loader.dataset.classes)
-        state = checkpoint_state(model, optimizer, scheduler, epoch + 1, best, config, speed["scaler"])
-        save_checkpoints(state, checkpoint_dir, improved, config["checkpoint_every"])
-        if stop.event.is_set() and epoch + 1 < config["epochs"]:
+        if prep.is_main():
+            state = checkpoint_state(model, optimizer, scheduler, epoch + 1, best, config, speed["scaler"])
+            save_checkpoints(state, checkpoint_dir, improved, config["checkpoint_every"])
+        if prep.any_rank(stop.event.is_set())[0] and epoch + 1 < config["epochs"]:
             raise TrainingInterrupted(f"epoch {epoch + 2}, before its first step")
 
 
@@ -247,19 +299,22 @@ def main(argv: list[str] | None = None) -> int:
     with stop_on_signals() as stop:
         try:
             run(config, stop)
-        except ConfigError as error:
+        except ConfigError as error:  # printed by every rank: it may be one rank's own
             print(f"{PROG}: error: {error}", file=sys.stderr)
             return 2
-        except NonFiniteLossError as error:
-            print(f"{PROG}: error: {error}; the last checkpoint is the last good one", file=sys.stderr)
+        except NonFiniteLossError as error:  # under torchrun every rank stops at the same step: rank 0 says so
+            if prep.is_main():
+                print(f"{PROG}: error: {error}; the last checkpoint is the last good one", file=sys.stderr)
             return 1
         except (TrainingInterrupted, KeyboardInterrupt) as error:
-            where = f"in {error}" if isinstance(error, TrainingInterrupted) else "at once"
-            signal_name = stop.signal.name if stop.signal else "SIGINT"
-            resume = (f"resume with: {resume_command(argv, stop.resume_from)}" if stop.resume_from
-                      else "no checkpoint was written yet; start the run again")
-            print(f"{PROG}: stopped by {signal_name} {where}; {resume}", file=sys.stderr)
+            if prep.is_main():
+                where = f"in {error}" if isinstance(error, TrainingInterrupted) else "at once"
+                resume = (f"resume with: {resume_command(argv, stop.resume_from)}" if stop.resume_from
+                          else "no checkpoint was written yet; start the run again")
+                print(f"{PROG}: stopped by {stop.name()} {where}; {resume}", file=sys.stderr)
             return 128 + (stop.signal or signal.SIGINT)
+        finally:
+            prep.close_distributed()
     return 0
 
 

@@ -36,6 +36,8 @@ def evaluate_confusion(model: nn.Module, loader: DataLoader, criterion: nn.Modul
     confusion[i, j] counts test images of class i predicted as class j (a CPU long tensor). Sums and
     counts stay on the device until the end: no host sync per step (scatter_add_, unlike bincount
     on CUDA, needs no sync to size its output). ``autocast``: the run's autocast context.
+    Under torchrun each rank evaluates its share of the test set (give it the unwrapped model:
+    no DDP sync in eval) and the sums are added over the ranks, so every image counts once.
     """
     model.eval()
     autocast = autocast if autocast is not None else contextlib.nullcontext()
@@ -45,7 +47,7 @@ def evaluate_confusion(model: nn.Module, loader: DataLoader, criterion: nn.Modul
     confusion = None
     seen = 0
     for step, (images, labels) in enumerate(tqdm(loader, total=total, desc="test", leave=False,
-                                                 dynamic_ncols=True)):
+                                                 dynamic_ncols=True, disable=not prep.is_main())):
         if step == total:
             break
         images = images.to(device, non_blocking=True, memory_format=memory_format)
@@ -59,6 +61,12 @@ def evaluate_confusion(model: nn.Module, loader: DataLoader, criterion: nn.Modul
         cells = labels * classes + logits.argmax(dim=1)  # b: index of (true, predicted) in the flat matrix
         confusion.scatter_add_(0, cells, torch.ones_like(cells))
         seen += labels.size(0)
+    if prep.distributed():  # a rank with no test batch still joins the sums
+        classes = prep.NUM_CLASSES if confusion is None else classes
+        confusion = torch.zeros(classes * classes, device=device, dtype=torch.long) if confusion is None else confusion
+        seen_all = torch.tensor(seen, device=device)
+        prep.all_reduce_sum(loss_sum, confusion, seen_all)
+        seen = int(seen_all.item())
     if confusion is None:
         return 0.0, 0.0, torch.zeros(0, 0, dtype=torch.long)
     confusion = confusion.view(classes, classes).cpu()  # true class, predicted class

@@ -11,6 +11,8 @@ import torch.nn as nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+import model_preparation as prep
+
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite."""
@@ -48,6 +50,11 @@ def train(model: nn.Module, loader: DataLoader, criterion: nn.Module, optimizer:
     A non-finite loss raises NonFiniteLossError naming its step: on the CPU before that step is
     applied; on an accelerator (no per-step sync) at the next read, the first bad step being
     recorded on the device. When `stop` is set, TrainingInterrupted is raised before the next step.
+
+    Under torchrun the ranks agree after every forward pass (one all-reduce of three flags on the
+    CPU, no device sync) whether any rank was stopped, had a non-finite loss (CPU) or wants its
+    twice-a-second read, so that they all stop at the same step; loss, accuracy and images per
+    second are over all ranks.
     """
     model.train()
     autocast = autocast if autocast is not None else contextlib.nullcontext()
@@ -59,22 +66,33 @@ def train(model: nn.Module, loader: DataLoader, criterion: nn.Module, optimizer:
     seen, shown_at = 0, 0.0
     synchronize(device)
     start = time.perf_counter()
-    bar = tqdm(loader, total=total, desc=f"epoch {epoch + 1} train", leave=False, dynamic_ncols=True)
+    several = prep.distributed()
+    bar = tqdm(loader, total=total, desc=f"epoch {epoch + 1} train", leave=False, dynamic_ncols=True,
+               disable=not prep.is_main())
     for step, (images, labels) in enumerate(bar):
         if step == total:
             break
-        if stop is not None and stop.is_set():
+        if not several and stop is not None and stop.is_set():
             raise TrainingInterrupted(f"epoch {epoch + 1}, step {step + 1} of {total}")
         images = images.to(device, non_blocking=True, memory_format=memory_format)
         labels = labels.to(device, non_blocking=True)
         with autocast:
             logits = model(images)
             loss = criterion(logits, labels)
-        if device.type == "cpu":  # a check is free on the CPU: stop before the step is applied
+        if several:  # before the backward pass, whose gradient all-reduce every rank must join
+            read_now = time.perf_counter() - shown_at > 0.5
+            stopping, bad, read_now = prep.any_rank(stop is not None and stop.is_set(),
+                                                    device.type == "cpu" and not math.isfinite(loss.item()),
+                                                    read_now)
+            if stopping:
+                raise TrainingInterrupted(f"epoch {epoch + 1}, step {step + 1} of {total}")
+            if bad:
+                raise NonFiniteLossError(f"non-finite training loss on a rank in epoch {epoch + 1}, step {step + 1}")
+        if device.type == "cpu" and not several:  # a check is free on the CPU: stop before the step is applied
             if not math.isfinite(loss.item()):
                 raise NonFiniteLossError(f"non-finite training loss ({loss.item()}) in epoch {epoch + 1}, "
                                          f"step {step + 1}")
-        else:  # remember the first bad step on the device, read at the next sync
+        elif device.type != "cpu":  # remember the first bad step on the device, read at the next sync
             bad = (first_bad_step == 0) & ~torch.isfinite(loss.detach())
             first_bad_step = torch.where(bad, step + 1, first_bad_step)
         optimizer.zero_grad(set_to_none=True)
@@ -90,14 +108,20 @@ def train(model: nn.Module, loader: DataLoader, criterion: nn.Module, optimizer:
         correct += (logits.argmax(dim=1) == labels).sum()
         seen += labels.size(0)
         now = time.perf_counter()
-        if now - shown_at > 0.5:  # these .item() are the only host syncs inside the loop
+        if (read_now if several else now - shown_at > 0.5):  # these .item() are the only host syncs in the loop
             shown_at = now
+            prep.all_reduce_sum(first_bad_step, maximum=True)  # every rank raises, or none
             check_finite(first_bad_step, epoch)
             mean_loss = loss_sum.item() / seen
             bar.set_postfix(loss=f"{mean_loss:.3f}", acc=f"{100 * correct.item() / seen:.1f}",
                             img_s=f"{seen / (now - start):.0f}")
     synchronize(device)
     elapsed = time.perf_counter() - start
+    if several:  # sums over the ranks; the first bad step of any rank
+        seen_all = torch.tensor(seen, device=device)
+        prep.all_reduce_sum(loss_sum, correct, seen_all)
+        prep.all_reduce_sum(first_bad_step, maximum=True)
+        seen = int(seen_all.item())
     check_finite(first_bad_step, epoch)
     mean_loss = loss_sum.item() / max(seen, 1)
     return mean_loss, 100.0 * correct.item() / max(seen, 1), elapsed, seen / elapsed

@@ -57,6 +57,9 @@ CUDNN_BENCHMARK = True  # cuDNN times its kernels once and keeps the fastest (CU
 COMPILE = False  # torch.compile the model (slow first steps; checkpoints keep plain state_dict keys)
 NUM_THREADS = 0  # CPU threads of torch; 0: at most one per CPU core this process may use
 
+# --- Several processes (torchrun) ---
+SYNC_BN = False  # under torchrun: SyncBatchNorm, batch statistics over all ranks' images (no effect on one process)
+
 CHOICES = {
     "model": ("baseline", "lambda"),
     "dataset": ("cifar10", "synthetic"),
@@ -159,6 +162,8 @@ def validate(config: dict) -> None:
     if config["amp"] == "fp16" and config["device"] in ("cpu", "mps"):
         raise ConfigError(f"AMP=fp16 needs CUDA (it trains with a gradient scaler); on {config['device']} "
                           f"use --amp bf16 or --amp fp32")
+    if not isinstance(config["sync_bn"], bool):
+        raise ConfigError(f"SYNC_BN={config['sync_bn']!r} must be true or false")
     if config["model"] == "lambda":
         _validate_lambda(config)
     if re.search(r"[/\\]", config["run_name"]) or config["run_name"] in (".", ".."):
