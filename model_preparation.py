@@ -233,12 +233,17 @@ def distribute(model: nn.Module, config: dict, device: torch.device) -> nn.Modul
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
-def all_reduce_sum(*tensors: torch.Tensor, maximum: bool = False) -> None:
-    """Sum (or with maximum=True, take the largest of) each tensor over the ranks, in place
-    (tensors on this rank's device)."""
+def all_reduce_sum(*tensors: torch.Tensor) -> None:
+    """Sum each tensor over the ranks, in place (tensors on this rank's device)."""
     if distributed():
         for tensor in tensors:
-            dist.all_reduce(tensor, op=dist.ReduceOp.MAX if maximum else dist.ReduceOp.SUM)
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+
+
+def all_reduce_min(tensor: torch.Tensor) -> None:
+    """The smallest value of `tensor` over the ranks, in place."""
+    if distributed():
+        dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
 
 
 def any_rank(*flags: bool) -> list[bool]:

@@ -30,6 +30,17 @@ def synchronize(device: torch.device) -> None:
         torch.mps.synchronize()
 
 
+def earliest_bad_step(first_bad_step: torch.Tensor) -> torch.Tensor:
+    """Over the ranks, the earliest step with a non-finite loss (0: none on any rank). The ranks
+    take their steps together, so every rank then reports the same step."""
+    if not prep.distributed():
+        return first_bad_step
+    never = torch.iinfo(first_bad_step.dtype).max
+    step = torch.where(first_bad_step == 0, never, first_bad_step)  # 0 means "none", not "earliest"
+    prep.all_reduce_min(step)
+    return torch.where(step == never, 0, step)
+
+
 def check_finite(first_bad_step: torch.Tensor, epoch: int) -> None:
     """Raise NonFiniteLossError if the device recorded a non-finite loss (a host sync)."""
     step = int(first_bad_step.item())
@@ -110,7 +121,7 @@ def train(model: nn.Module, loader: DataLoader, criterion: nn.Module, optimizer:
         now = time.perf_counter()
         if (read_now if several else now - shown_at > 0.5):  # these .item() are the only host syncs in the loop
             shown_at = now
-            prep.all_reduce_sum(first_bad_step, maximum=True)  # every rank raises, or none
+            first_bad_step = earliest_bad_step(first_bad_step)  # every rank raises, or none
             check_finite(first_bad_step, epoch)
             mean_loss = loss_sum.item() / seen
             bar.set_postfix(loss=f"{mean_loss:.3f}", acc=f"{100 * correct.item() / seen:.1f}",
@@ -120,7 +131,7 @@ def train(model: nn.Module, loader: DataLoader, criterion: nn.Module, optimizer:
     if several:  # sums over the ranks; the first bad step of any rank
         seen_all = torch.tensor(seen, device=device)
         prep.all_reduce_sum(loss_sum, correct, seen_all)
-        prep.all_reduce_sum(first_bad_step, maximum=True)
+        first_bad_step = earliest_bad_step(first_bad_step)
         seen = int(seen_all.item())
     check_finite(first_bad_step, epoch)
     mean_loss = loss_sum.item() / max(seen, 1)

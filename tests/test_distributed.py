@@ -147,3 +147,31 @@ def test_sigterm_to_one_rank_stops_both_at_the_same_step(tmp_path):
     assert "]: Traceback" not in stderr  # no worker traceback (torchrun itself prints one for exit 143)
     checkpoint = torch.load(tmp_path / "checkpoints" / "Baseline" / "stop" / "last.pt", weights_only=False)
     assert 1 <= checkpoint["epoch"] < 50
+
+
+def _earliest_bad_step_worker(rank: int, init_file: str, cases: list, results) -> None:
+    import torch.distributed as dist
+
+    import nntrain
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        found = [int(nntrain.earliest_bad_step(torch.tensor(case[rank])).item()) for case in cases]
+        results.put((rank, found))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_earliest_bad_step_of_any_rank_is_reported(tmp_path):
+    """(rank 0's first bad step, rank 1's) -> the step every rank reports; 0 means none."""
+    cases = [(5, 3), (3, 5), (0, 4), (4, 0), (0, 0)]
+    context = torch.multiprocessing.get_context("spawn")
+    results = context.Queue()
+    processes = [context.Process(target=_earliest_bad_step_worker,
+                                 args=(rank, str(tmp_path / "init"), cases, results)) for rank in range(2)]
+    for process in processes:
+        process.start()
+    found = dict(results.get(timeout=120) for _ in processes)
+    for process in processes:
+        process.join(timeout=60)
+    assert found[0] == found[1] == [3, 3, 4, 4, 0]
