@@ -223,7 +223,7 @@ class DeviceLoader:
         together are the batch a single process with the global batch size would see."""
         count, device = len(self.labels), self.images.device
         if not self.train:
-            order = torch.arange(count, device=device)[self.rank::self.world]
+            order = torch.as_tensor(shard(count, self.rank, self.world), device=device)
             for step in range(len(self)):
                 index = order[step * self.batch_size:(step + 1) * self.batch_size]
                 yield (self.images[index].float() - self.mean) / self.std, self.labels[index]  # ToTensor + Normalize
@@ -237,12 +237,13 @@ class DeviceLoader:
 
 
 def build_loaders(config: dict, device: torch.device, rank: int = 0, world: int = 1
-                  ) -> tuple[DataLoader, DataLoader, torch.Generator]:
+                  ) -> tuple[DataLoader | DeviceLoader, DataLoader | DeviceLoader, torch.Generator]:
     """Train and test loaders, and the generator that fixes the training order and augmentation.
 
     With GPU_LOADER on (by default on CUDA) both are DeviceLoaders and the generator lives on the device.
     Under torchrun (``world`` > 1) each rank gets its share: training batches from a
-    DistributedSampler (the same number on every rank), and test images rank, rank + world, ...,
+    DistributedSampler (the DeviceLoader: every world-th image of each global batch; the same
+    number of batches on every rank either way), and test images rank, rank + world, ...,
     so that together the ranks see every test image exactly once.
     """
     train_set, test_set = build_datasets(config)

@@ -187,7 +187,7 @@ def resolve_resume_on_main(config: dict) -> dict | None:
     path = prep.from_main(resolve)
     if prep.is_main():
         return found["checkpoint"]
-    return dict(prep.load_checkpoint(path), path=path) if path else None
+    return prep.load_checkpoint(path) if path else None
 
 
 def run(config: dict, stop: StopRequest) -> None:

@@ -87,7 +87,8 @@ def configure_backends(config: dict, device: torch.device) -> None:
 
 
 def speed_up(model: nn.Module, config: dict, device: torch.device) -> nn.Module:
-    """channels_last and torch.compile as configured; returns the module to train and evaluate."""
+    """channels_last, DistributedDataParallel under torchrun (``distribute``) and torch.compile as
+    configured, in that order; returns the module to train (``unwrap`` gives the plain one back)."""
     if switched_on(config["channels_last"], device):
         model = model.to(memory_format=torch.channels_last)
     model = distribute(model, config, device)  # unchanged on a single process
@@ -333,7 +334,8 @@ def remove_stale_temporaries(checkpoint_dir: str) -> None:
 
 
 def load_checkpoint(path: str) -> dict:
-    """The checkpoint at `path`; ConfigError naming the file if it is missing, unreadable or foreign."""
+    """The checkpoint at `path`, with its "path" added; ConfigError naming the file if it is
+    missing, unreadable or foreign."""
     if not os.path.isfile(path):
         raise ConfigError(f"checkpoint {path} does not exist")
     try:
@@ -344,7 +346,7 @@ def load_checkpoint(path: str) -> dict:
     if not isinstance(checkpoint, dict) or not set(CHECKPOINT_KEYS) <= set(checkpoint):
         raise ConfigError(f"{path} is not a checkpoint of main_general.py (it lacks "
                           f"{', '.join(CHECKPOINT_KEYS)}); use a last.pt, best.pt or epoch_NNN.pt")
-    return checkpoint
+    return dict(checkpoint, path=path)
 
 
 def latest_run(config: dict) -> str:
@@ -362,7 +364,7 @@ def newest_loadable(run_checkpoints: str) -> dict:
     the highest epoch, with a warning on stderr naming what was skipped."""
     last = os.path.join(run_checkpoints, "last.pt")
     try:
-        return dict(load_checkpoint(last), path=last)
+        return load_checkpoint(last)
     except ConfigError as error:
         skipped = [str(error)]
     found = []
@@ -373,7 +375,7 @@ def newest_loadable(run_checkpoints: str) -> dict:
     for group in ([best], numbered):  # best.pt, and the highest-numbered epoch_NNN.pt that loads
         for path in group:
             try:
-                found.append(dict(load_checkpoint(path), path=path))
+                found.append(load_checkpoint(path))
                 break
             except ConfigError as error:
                 if os.path.exists(path):
@@ -411,7 +413,7 @@ def resolve_resume(config: dict) -> dict | None:
     if config["resume"] == "latest":
         checkpoint = newest_loadable(latest_run(config))
     else:
-        checkpoint = dict(load_checkpoint(config["resume"]), path=config["resume"])
+        checkpoint = load_checkpoint(config["resume"])
     path, different = checkpoint["path"], model_differences(checkpoint["config"], config)
     if different:
         raise ConfigError(f"checkpoint {path} was trained with {', '.join(different)}; "

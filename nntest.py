@@ -73,13 +73,6 @@ def evaluate_confusion(model: nn.Module, loader: DataLoader, criterion: nn.Modul
     return loss_sum.item() / max(seen, 1), 100.0 * confusion.trace().item() / max(seen, 1), confusion
 
 
-def evaluate(model: nn.Module, loader: DataLoader, criterion: nn.Module, device: torch.device,
-             max_batches: int = 0, **speed) -> tuple[float, float]:
-    """Return (mean loss, top-1 accuracy %) over the loader (at most `max_batches` batches)."""
-    loss, accuracy, _ = evaluate_confusion(model, loader, criterion, device, max_batches, **speed)
-    return loss, accuracy
-
-
 # --- command line: evaluate a checkpoint ---
 
 def build_parser() -> argparse.ArgumentParser:

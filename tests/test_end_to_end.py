@@ -9,15 +9,10 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import SMOKE_FLAGS, run_main
-from log_data import SCALARS
+from log_data import SCALARS, read_metrics
 
 METRIC_KEYS = {"epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "epoch_time_s",
                "train_img_per_s"}
-
-
-def read_jsonl(path) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f]
 
 
 def scalars(run_dir) -> dict[str, list[tuple[int, float]]]:
@@ -33,7 +28,7 @@ def smoke_run(tmp_path_factory):
     args = [*SMOKE_FLAGS, "--data-dir", "data", "--epochs", "2", "--checkpoint-every", "1", "--run-name", "smoke"]
     first = run_main(args, cwd=str(work))
     assert first.returncode == 0, first.stderr
-    snapshot = {"metrics": read_jsonl(work / "runs/Lambda/smoke/metrics.jsonl"),
+    snapshot = {"metrics": read_metrics(work / "runs/Lambda/smoke/metrics.jsonl"),
                 "scalars": scalars(work / "runs/Lambda/smoke")}
     resumed = run_main([*args[:-2], "--epochs", "3", "--resume", "latest"], cwd=str(work))
     return work, first, snapshot, resumed
@@ -84,7 +79,7 @@ def test_resume_continues_the_same_run(smoke_run):
     assert resumed.returncode == 0, resumed.stderr
     run_dir = work / "runs" / "Lambda" / "smoke"
     assert os.listdir(work / "runs" / "Lambda") == ["smoke"]  # no second run directory
-    records = read_jsonl(run_dir / "metrics.jsonl")
+    records = read_metrics(run_dir / "metrics.jsonl")
     assert [r["epoch"] for r in records] == [1, 2, 3]
     assert records[:2] == snapshot["metrics"]
     assert records[2]["lr"] == pytest.approx(1.5e-3)  # the schedule continued, not restarted
@@ -108,6 +103,6 @@ def test_baseline_smoke_run(tmp_path):
     result = run_main([*SMOKE_FLAGS, "--model", "baseline", "--data-dir", "data", "--epochs", "1"], cwd=str(tmp_path))
     assert result.returncode == 0, result.stderr
     (run_dir,) = (tmp_path / "runs" / "Baseline").iterdir()  # a timestamped name
-    assert len(read_jsonl(run_dir / "metrics.jsonl")) == 1
+    assert len(read_metrics(run_dir / "metrics.jsonl")) == 1
     assert "23,528,522 parameters" in result.stdout
     assert (tmp_path / "checkpoints" / "Baseline" / run_dir.name / "last.pt").is_file()
