@@ -16,7 +16,7 @@ import sys
 
 import model_preparation as prep
 import user_input
-from log_data import PALETTE, Panel, Series, line_chart, read_metrics
+from log_data import PALETTE, Panel, Series, line_chart, read_metrics, run_stats
 
 PROG = "compare_runs.py"
 REQUIRED_KEYS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "epoch_time_s", "train_img_per_s")
@@ -118,10 +118,11 @@ def table(runs: list[Run]) -> str:
         if not run.records:  # started, no epoch finished yet
             lines.append(row + "| - | - | - | - | - |")
             continue
-        best = max(run.records, key=lambda r: r["test_acc"])
-        throughput = sum(r["train_img_per_s"] for r in run.records) / len(run.records)
+        stats = run_stats(run.records)
+        best = stats["best"]
         lines.append(row + f"| {best['test_acc']:.2f} | {best['epoch']} | {run.records[-1]['test_acc']:.2f} "
-                     f"| {format_time(run.elapsed_s()[-1])} | {throughput:.0f} |")
+                     f"| {format_time(stats['train_time_s'] + stats['test_time_s'])} "
+                     f"| {stats['train_img_per_s']:.0f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -59,6 +59,15 @@ def truncate_log(path: str, start_epoch: int) -> None:
         os.replace(path + ".tmp", path)
 
 
+def run_stats(records: list[dict]) -> dict:
+    """Over a run's metrics records (at least one): the best record by test accuracy, total training
+    and evaluation seconds, and the mean training images/s."""
+    return {"best": max(records, key=lambda r: r["test_acc"]),
+            "train_time_s": sum(r["epoch_time_s"] for r in records),
+            "test_time_s": sum(r.get("test_time_s", 0.0) for r in records),
+            "train_img_per_s": sum(r["train_img_per_s"] for r in records) / len(records)}
+
+
 class RunLogger:
     """Writes one run directory. On resume it continues the same files and TensorBoard run,
     dropping anything logged for epochs after the checkpoint (they are trained again)."""
@@ -127,7 +136,7 @@ class RunLogger:
         """
         if not self.records or self.settings is None:
             return
-        best = max(self.records, key=lambda r: r["test_acc"])
+        best = run_stats(self.records)["best"]
         final = self.records[-1]
         metrics = {"HParams/best_test_acc": best["test_acc"], "HParams/final_test_acc": final["test_acc"],
                    "HParams/final_train_acc": final["train_acc"], "HParams/final_test_loss": final["test_loss"],
@@ -143,13 +152,10 @@ class RunLogger:
         """One line over every epoch of the run, including those before a resume."""
         if not self.records:
             return "no epoch finished"
-        best = max(self.records, key=lambda r: r["test_acc"])
-        train_time = sum(r["epoch_time_s"] for r in self.records)
-        test_time = sum(r.get("test_time_s", 0.0) for r in self.records)
-        throughput = sum(r["train_img_per_s"] for r in self.records) / len(self.records)
-        return (f"best test accuracy {best['test_acc']:.2f}% at epoch {best['epoch']}; "
-                f"train time {train_time:.1f} s, test time {test_time:.1f} s, "
-                f"mean throughput {throughput:.0f} train img/s")
+        stats = run_stats(self.records)
+        return (f"best test accuracy {stats['best']['test_acc']:.2f}% at epoch {stats['best']['epoch']}; "
+                f"train time {stats['train_time_s']:.1f} s, test time {stats['test_time_s']:.1f} s, "
+                f"mean throughput {stats['train_img_per_s']:.0f} train img/s")
 
     def close(self) -> None:
         self.hparams()
