@@ -9,7 +9,6 @@ RUNS_DIR. Runs of different lengths, and runs still in progress, are fine.
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import sys
@@ -61,12 +60,8 @@ class Run:
 
 def newest_runs(runs_dir: str) -> list[str]:
     """The most recently written run directory of each model under runs_dir."""
-    found = []
-    for model in user_input.CHOICES["model"]:
-        pattern = os.path.join(runs_dir, prep.model_folder({"model": model}), "*", "metrics.jsonl")
-        candidates = glob.glob(pattern)
-        if candidates:
-            found.append(os.path.dirname(max(candidates, key=os.path.getmtime)))
+    found = [folder for model in user_input.CHOICES["model"]
+             if (folder := prep.newest_run_folder(runs_dir, model, "metrics.jsonl")) is not None]
     if not found:
         raise user_input.ConfigError(f"no runs found under {runs_dir} (no {runs_dir}/<Model>/<run>/metrics.jsonl); "
                                      f"pass run directories or --runs-dir")

@@ -349,14 +349,20 @@ def load_checkpoint(path: str) -> dict:
     return dict(checkpoint, path=path)
 
 
+def newest_run_folder(root: str, model: str, filename: str) -> str | None:
+    """The run folder under root/<Model>/ whose `filename` was written last, or None."""
+    candidates = glob.glob(os.path.join(root, model_folder({"model": model}), "*", filename))
+    return os.path.dirname(max(candidates, key=os.path.getmtime)) if candidates else None
+
+
 def latest_run(config: dict) -> str:
     """Checkpoint folder of the most recently saved run of MODEL under CHECKPOINT_DIR."""
-    pattern = os.path.join(config["checkpoint_dir"], model_folder(config), "*", "last.pt")
-    candidates = glob.glob(pattern)
-    if not candidates:
+    folder = newest_run_folder(config["checkpoint_dir"], config["model"], "last.pt")
+    if folder is None:
+        pattern = os.path.join(config["checkpoint_dir"], model_folder(config), "*", "last.pt")
         raise ConfigError(f"--resume latest found no checkpoint matching {pattern}; "
                           f"start a run without --resume first")
-    return os.path.dirname(max(candidates, key=os.path.getmtime))
+    return folder
 
 
 def newest_loadable(run_checkpoints: str) -> dict:
