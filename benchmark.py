@@ -32,11 +32,11 @@ import weakref
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import model_preparation as prep
+from log_data import Panel, Series, line_chart
 from lambda_layer import POSITIONS, LambdaLayer
 import user_input
 from nntrain import synchronize
@@ -404,56 +404,21 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75), (227, 119, 194)]
-
-
-def draw_panel(draw: ImageDraw.ImageDraw, box: tuple, series: dict, sizes: list, title: str) -> None:
-    """Log-log line chart of {name: [(size, value)]} inside box = (left, top, right, bottom)."""
-    left, top, right, bottom = box
-    values = [v for points in series.values() for _, v in points]
-    draw.rectangle(box, outline=(0, 0, 0))
-    draw.text((left, top - 28), title, fill=(0, 0, 0))
-    if not values:
-        return
-    low, high = math.floor(math.log10(min(values))), math.ceil(math.log10(max(values)))
-    high = max(high, low + 1)
-    x_of = lambda size: left + 20 + (right - left - 40) * (math.log2(size) - math.log2(min(sizes))) / max(math.log2(max(sizes) / min(sizes)), 1)
-    y_of = lambda value: bottom - (bottom - top) * (math.log10(value) - low) / (high - low)
-    for exponent in range(low, high + 1):
-        y = y_of(10 ** exponent)
-        draw.line((left, y, right, y), fill=(225, 225, 225))
-        draw.text((left - 45, y - 6), f"1e{exponent}", fill=(0, 0, 0))
-    for size in sizes:
-        draw.text((x_of(size) - 12, bottom + 6), f"{size}x{size}", fill=(0, 0, 0))
-    for index, (name, points) in enumerate(series.items()):
-        colour = COLOURS[index % len(COLOURS)]
-        xy = [(x_of(size), y_of(value)) for size, value in points]
-        if len(xy) > 1:
-            draw.line(xy, fill=colour, width=3)
-        for x, y in xy:
-            draw.ellipse((x - 4, y - 4, x + 4, y + 4), fill=colour)
-
-
 def plot(report: dict, path: str) -> None:
-    """Two panels, time and peak memory against map size (log scales), one line per layer, OOMs left out."""
-    sizes = report["settings"]["sizes"]
+    """Two panels, time and peak memory against map size, log scales (log_data.line_chart plots the
+    logarithms), one line per layer; OOMs left out."""
+    settings = report["settings"]
     names = list(dict.fromkeys(r["layer"] for r in report["layers"]))
-    image = Image.new("RGB", (1100, 560), "white")
-    draw = ImageDraw.Draw(image)
-    for panel, (key, title) in enumerate((("time_ms", "time per forward+backward (ms), log"),
-                                          ("peak_mb", "peak memory (MB), log"))):
-        series = {name: [(r["size"], r[key]) for r in report["layers"]
-                         if r["layer"] == name and r["status"] == "ok" and r[key] > 0] for name in names}
-        draw_panel(draw, (70 + panel * 540, 50, 530 + panel * 540, 420), series, sizes, title)
-    for index, name in enumerate(names):  # legend
-        colour = COLOURS[index % len(COLOURS)]
-        x, y = 70 + (index % 3) * 340, 470 + (index // 3) * 22
-        draw.rectangle((x, y, x + 16, y + 12), fill=colour)
-        draw.text((x + 24, y), name, fill=(0, 0, 0))
-    draw.text((70, 535), f"feature-map size; batch {report['settings']['layer_batch']}, "
-                         f"d {report['settings']['width']}, h {report['settings']['heads']}; "
-                         f"{report['machine']['device_name']}", fill=(0, 0, 0))
-    image.save(path)
+    panels = []
+    for key, title, unit in (("time_ms", "time per forward + backward", "log10 of ms"),
+                             ("peak_mb", "peak memory", "log10 of MB")):
+        series = []
+        for name in names:
+            rows = [r for r in report["layers"] if r["layer"] == name and r["status"] == "ok" and r[key] > 0]
+            series.append(Series(name, [math.log2(r["size"]) for r in rows], [math.log10(r[key]) for r in rows]))
+        panels.append(Panel(title, "log2 of the map side (3: 8x8, 6: 64x64)", unit, series))
+    line_chart(panels, path, title=f"batch {settings['layer_batch']}, d {settings['width']}, "
+                                   f"h {settings['heads']}; {report['machine']['device_name']}")
 
 
 def cpu_name() -> str:

@@ -45,7 +45,7 @@ def test_quick_benchmark_writes_json_markdown_and_png(tmp_path):
     assert "| baseline | - |" in table and "| 8x8 | attention (SDPA) |" in table
     assert table.strip() in result.stdout
     with Image.open(out / "benchmark.png") as image:
-        assert image.size == (1100, 560)
+        assert image.size[0] > image.size[1] > 300  # two panels side by side, legend below
         assert len(image.convert("RGB").getcolors(maxcolors=2 ** 20)) > 5  # lines and legend drawn, not a blank canvas
 
 
