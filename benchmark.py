@@ -82,7 +82,7 @@ def resolve_args(args) -> None:
             setattr(args, key, small if args.quick else full)
         if getattr(args, key) < (0 if key == "warmup" else 1):
             raise ConfigError(f"--{key.replace('_', '-')}={getattr(args, key)} must be >= {0 if key == 'warmup' else 1}")
-    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", args.device):
+    if not re.fullmatch(user_input.DEVICE_PATTERN, args.device):
         raise ConfigError(f"--device {args.device!r} is not one of auto, cpu, cuda, cuda:N, mps")
     if args.sizes is None:
         args.sizes = "8,16,32" if args.quick else "8,16,32,64"

@@ -69,7 +69,9 @@ CHOICES = {
     "gpu_loader": ("auto", "on", "off"),
     "channels_last": ("auto", "on", "off"),
 }
+DEVICE_PATTERN = r"auto|cpu|mps|cuda(:\d+)?"  # the values DEVICE accepts
 LAMBDA_WIDTHS = (64, 128, 256, 512)  # widths of the bottlenecks' lambda layers in c2-c5
+NOT_SETTINGS = ("CHOICES", "DEVICE_PATTERN", "LAMBDA_WIDTHS", "NOT_SETTINGS")  # constants that are no flag
 
 
 class ConfigError(ValueError):
@@ -79,7 +81,7 @@ class ConfigError(ValueError):
 def defaults() -> dict:
     """The constants above as a config dict with lowercase keys."""
     return {name.lower(): value for name, value in vars(sys.modules[__name__]).items()
-            if re.fullmatch(r"[A-Z][A-Z0-9_]*", name) and name not in ("CHOICES", "LAMBDA_WIDTHS")}
+            if re.fullmatch(r"[A-Z][A-Z0-9_]*", name) and name not in NOT_SETTINGS}
 
 
 def _help_texts() -> dict:
@@ -138,7 +140,7 @@ def validate(config: dict) -> None:
     for key, allowed in CHOICES.items():
         if config[key] not in allowed:
             raise ConfigError(f"{key.upper()}={config[key]!r} is not one of {', '.join(allowed)}")
-    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", config["device"]):
+    if not re.fullmatch(DEVICE_PATTERN, config["device"]):
         raise ConfigError(f"DEVICE={config['device']!r} is not one of auto, cpu, cuda, cuda:N, mps")
     at_least = {"epochs": 1, "batch_size": 1, "heads": 1, "qk_size": 1, "lambda_r": 1, "lambda_u": 1,
                 "warmup_epochs": 0, "num_workers": 0, "checkpoint_every": 0, "max_batches": 0, "num_threads": 0,
