@@ -37,16 +37,19 @@ could equally run a global relative context (r = 2 max(H, W) - 1, tested), at ab
 The lambdas are always computed before they meet the queries (lambda_p = E^T V first), and
 lambda_c + lambda_p is formed before the one contraction with the queries.
 
-Kernels and layouts (docs/lambda-speed.md has the measurements): a handful of aten ops per forward
-and backward (22 absolute, 24 relative, 21-23 conv, u = 1, width 64, 8x8, counted by
-``benchmark.py``), and every contraction a batched GEMM on views, with no copies when u = 1:
+Kernels and layouts (docs/lambda-speed.md has the measurements): a handful of kernel-launching aten
+ops per training forward + backward (u = 1, 8x8 map: 21 absolute, 23 relative, 22 conv with r 23,
+20 with r <= 15; 20 relative on maps of <= 4 positions; counted by ``benchmark.py``, asserted in
+tests/test_lambda_modes.py), and every contraction a batched GEMM on views, no copies when u = 1:
 
 - one 1x1 convolution projects queries, values and keys (one GEMM); its kernel has channels_last
   strides, so the output is positions-major ([b, n, channels] in memory) whatever x's layout;
-- one batch norm normalises queries and values together (per-channel statistics: exact);
+- one batch norm normalises queries and values together (per-channel statistics: exact), without
+  the batch counter that only momentum=None reads;
 - content lambda: bmm [b, k, m*u] x [b, m*u, v]; position lambdas: bmm of E as the [n*k, m*u]
   matrix (expanded over b) with the same values, or the lambda convolution as a channels-last 3D
-  convolution over (H, W, v) whose output is already [b, n, v, k] in memory;
+  convolution over (H, W, v) whose output is already [b, n, v, k] in memory ("relative" on maps of
+  <= RELATIVE_AS_CONV_POSITIONS positions too, with its table as the kernel: no gather);
 - queries: bmm [b*n, h, k] x [b*n, k, v]; the output is returned channels_last (a view).
 u > 1 costs one copy of the values (and of the gathered E in "relative"): their (m, u) axes are not
 adjacent in memory.
@@ -62,6 +65,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 POSITIONS = ("absolute", "relative", "conv")
+# "relative" on maps of at most this many positions runs as the lambda convolution with its table as
+# the kernel: fewer kernels (no gather), at most 2.25x the multiply-adds of the gathered E (2x2 maps)
+RELATIVE_AS_CONV_POSITIONS = 4
 
 
 def make_position_embedding(size: tuple[int, int] | None, dim_k: int, dim_u: int = 1,
@@ -141,6 +147,9 @@ class LambdaLayer(nn.Module):
         # (positions outermost) from a channels-first x too, and its gradient needs no re-layout
         self.to_qkv.weight = nn.Parameter(torch.empty_strided(self.to_qkv.weight.shape, (dim, 1, dim, dim)))
         self.norm_qv = nn.BatchNorm2d(self.split_sizes[0] + self.split_sizes[1])
+        # its batch counter only serves momentum=None (a cumulative average); at momentum 0.1 it is an
+        # unused increment, one kernel per training step, so the layer's norm has none
+        self.norm_qv.register_buffer("num_batches_tracked", None)
 
         if embedding is None:
             embedding = make_position_embedding(self.size, dim_k, dim_u, position, r)
@@ -218,7 +227,12 @@ class LambdaLayer(nn.Module):
         n, k, u = height * width, self.dim_k, self.dim_u
         embedding = self.embedding.to(values.dtype)
         if self.position == "conv":
-            return self._conv_position_lambdas(values, embedding, height, width)
+            kernel, _, _ = reachable_kernel(embedding, height, width)  # k, u, 1, <=r, <=r
+            return self._conv_position_lambdas(values, kernel, height, width)
+        if self.position == "relative" and n <= RELATIVE_AS_CONV_POSITIONS:
+            # the table is the lambda convolution's kernel with r = 2H-1 (2W-1), all of it reachable
+            kernel = embedding.permute(2, 3, 0, 1).unsqueeze(2)  # k, u, 1, 2H-1, 2W-1
+            return self._conv_position_lambdas(values, kernel, height, width)
         if self.position == "relative":
             table = embedding.reshape(-1, k * u)  # (2H-1)(2W-1), k*u
             embedding = F.embedding(self.relative_index, table).reshape(n, n, k, u)  # m, n, k, u
@@ -228,11 +242,11 @@ class LambdaLayer(nn.Module):
 
     def _conv_position_lambdas(self, values: torch.Tensor, kernel: torch.Tensor, height: int,
                                width: int) -> torch.Tensor:
-        """The lambda convolution: a 3D convolution over (H, W, v) with u channels, written channels-last."""
+        """The lambda convolution with an odd-sided kernel (k, u, 1, r_y, r_x), zero padding r // 2: a 3D
+        convolution over (H, W, v) with u channels, written channels-last."""
         b, _, v = values.shape
-        u = self.dim_u
-        volume = values.reshape(b, height, width, u, v).permute(0, 3, 1, 2, 4)  # b, u, H, W, v
-        volume = volume.contiguous(memory_format=torch.channels_last_3d)        # memory: b, H, W, v, u
-        kernel, pad_y, pad_x = reachable_kernel(kernel, height, width)          # k, u, 1, <=r, <=r
+        pad_y, pad_x = kernel.shape[-2] // 2, kernel.shape[-1] // 2
+        volume = values.reshape(b, height, width, self.dim_u, v).permute(0, 3, 1, 2, 4)  # b, u, H, W, v
+        volume = volume.contiguous(memory_format=torch.channels_last_3d)                # memory: b, H, W, v, u
         lambdas = F.conv3d(volume, kernel.permute(0, 1, 3, 4, 2), padding=(pad_y, pad_x, 0))  # b, k, H, W, v
         return lambdas.permute(0, 2, 3, 1, 4).reshape(b, height * width, self.dim_k, v)      # b, n, k, v

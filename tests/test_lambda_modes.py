@@ -17,8 +17,9 @@ from test_lambda_layer import randomized_layer, reference_lambda
 
 # (position, r, map size): non-square maps; conv contexts smaller than, as large as, and larger than
 # the map (the taps no position can reach are cut away: lambda_layer.reachable_kernel)
-MODES = [("absolute", None, (3, 4)), ("relative", None, (3, 5)), ("conv", 3, (4, 5)), ("conv", 5, (3, 2)),
-         ("conv", 9, (2, 3))]
+# "relative" on maps of at most RELATIVE_AS_CONV_POSITIONS positions (2x2, 1x3) runs as a lambda convolution
+MODES = [("absolute", None, (3, 4)), ("relative", None, (3, 5)), ("relative", None, (2, 2)), ("relative", None, (1, 3)),
+         ("conv", 3, (4, 5)), ("conv", 5, (3, 2)), ("conv", 9, (2, 3))]
 MODE_IDS = [f"{p}-r{r}-{h}x{w}" if r else f"{p}-{h}x{w}" for p, r, (h, w) in MODES]
 
 
@@ -338,3 +339,57 @@ def test_smoke_run(tmp_path, flags):
     assert f"{prep.count_parameters(prep.build_model(config)):,} parameters" in result.stdout
     (record,) = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert record["train_loss"] > 0 and record["test_loss"] > 0
+
+
+# --- kernels and compilation ---
+
+# kernel-launching aten ops (benchmark.KernelCount) of one forward + backward, u = 1, an 8x8 map, the
+# conv kernel cut to its reachable taps (r 23): the numbers lambda_layer's docstring quotes
+KERNELS = {("absolute", None, 8): 21, ("relative", None, 8): 23, ("relative", None, 2): 20, ("conv", 23, 8): 22,
+           ("conv", 7, 8): 20}
+
+
+@pytest.mark.parametrize("position, r, size", list(KERNELS), ids=[f"{p}-r{r}-{s}x{s}" for p, r, s in KERNELS])
+def test_kernel_count_per_layer(position, r, size):
+    """At most 24 kernel-launching ops per layer forward + backward (issue 12; the layer had 35-39)."""
+    from benchmark import KERNEL_TARGET, count_kernels, mixer_step
+
+    torch.manual_seed(0)
+    layer = LambdaLayer(16, heads=4, dim_k=4, size=size, position=position, r=r).train()
+    x = torch.randn(2, 16, size, size, requires_grad=True)
+    count = count_kernels(mixer_step(layer, x, torch.randn_like(layer(x))))
+    assert count == KERNELS[(position, r, size)] <= KERNEL_TARGET
+
+
+@pytest.mark.parametrize("position, r, size", [("absolute", None, (3, 4)), ("relative", None, (3, 5)),
+                                               ("conv", 5, (4, 3))], ids=["absolute", "relative", "conv"])
+def test_layer_compiles_without_graph_breaks(position, r, size):
+    """torch.compile(fullgraph=True) traces forward and backward whole (AOT autograd, no code generation:
+    fast) and gives the eager outputs and gradients."""
+    layer = mode_layer(position, r, size, dim_u=2).train()
+    x = torch.randn(2, 6, *size)
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    grads = []
+    for run in (layer, compiled):
+        layer.zero_grad(set_to_none=True)
+        out = run(x)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        grads.append([out.detach()] + [p.grad.clone() for p in layer.parameters()])
+    for eager, traced in zip(*grads):
+        torch.testing.assert_close(traced, eager, rtol=1e-4, atol=1e-5)
+
+
+def test_embedding_layout_survives_copies_and_checkpoints(tmp_path):
+    """The absolute E is indexed (n, m, k, u) but laid out (n, k, m, u) for its GEMM; .double(),
+    state_dict round trips and load_state_dict keep both, and the values stay those of E[n, m]."""
+    layer = randomized_layer(size=(3, 4)).double()
+    n, k = 12, layer.dim_k
+    assert layer.embedding.permute(0, 2, 1, 3).is_contiguous()
+    path = tmp_path / "layer.pt"
+    torch.save(layer.state_dict(), path)
+    other = randomized_layer(size=(3, 4), seed=1).double()
+    other.load_state_dict(torch.load(path))
+    assert other.embedding.stride() == layer.embedding.stride()
+    torch.testing.assert_close(other.embedding[5, 7], layer.embedding[5, 7])
+    assert other.to_qkv.weight.stride() == (6, 1, 6, 6)  # channels_last 1x1 kernel kept
+    assert tuple(other.embedding.shape) == (n, n, k, 1)
