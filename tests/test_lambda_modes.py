@@ -393,3 +393,16 @@ def test_embedding_layout_survives_copies_and_checkpoints(tmp_path):
     torch.testing.assert_close(other.embedding[5, 7], layer.embedding[5, 7])
     assert other.to_qkv.weight.stride() == (6, 1, 6, 6)  # channels_last 1x1 kernel kept
     assert tuple(other.embedding.shape) == (n, n, k, 1)
+
+
+def test_global_lambdas_gradients_match_autograd():
+    """GlobalLambdas' hand-written backward (E's gradient as one GEMM) against torch.autograd.gradcheck."""
+    from lambda_layer import GlobalLambdas
+
+    torch.manual_seed(0)
+    embedding = torch.randn(6, 8, dtype=torch.float64, requires_grad=True)  # n*k = 3*2, m*u = 4*2
+    keys = torch.randn(3, 8, 2, dtype=torch.float64, requires_grad=True)
+    values = torch.randn(3, 8, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(GlobalLambdas.apply, (embedding, keys, values))
+    assert torch.autograd.gradcheck(GlobalLambdas.apply, (embedding.detach().t().contiguous().t().requires_grad_(),
+                                                         keys, values[:, :, 1:]))  # strided operands
