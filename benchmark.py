@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+import distributed
 import model_preparation as prep
 from figures import Panel, Series, line_chart
 from lambda_layer import POSITIONS, LambdaLayer
@@ -209,7 +210,7 @@ def benchmark_model(variant: dict, args, device: torch.device, amp: str) -> dict
     model.eval()
     infer = measure(infer_step, device, args.warmup, args.iters, static)
     result = {"model": variant["model"], "position": variant.get("lambda_position", "-"),
-              "params": prep.count_parameters(prep.unwrap(model)), "batch": args.batch_size,
+              "params": prep.count_parameters(distributed.unwrap(model)), "batch": args.batch_size,
               "train_img_s": args.batch_size / train["median_s"], "infer_img_s": args.batch_size / infer["median_s"],
               "train_step_ms": 1000 * train["median_s"], "train_peak_mb": train["peak_mb"],
               "infer_peak_mb": infer["peak_mb"]}

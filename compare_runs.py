@@ -13,6 +13,7 @@ import json
 import os
 import sys
 
+import checkpoints
 import model_preparation as prep
 import user_input
 from figures import PALETTE, Panel, Series, line_chart
@@ -62,7 +63,7 @@ class Run:
 def newest_runs(runs_dir: str) -> list[str]:
     """The most recently written run directory of each model under runs_dir."""
     found = [folder for model in user_input.CHOICES["model"]
-             if (folder := prep.newest_run_folder(runs_dir, model, "metrics.jsonl")) is not None]
+             if (folder := checkpoints.newest_run_folder(runs_dir, model, "metrics.jsonl")) is not None]
     if not found:
         raise user_input.ConfigError(f"no runs found under {runs_dir} (no {runs_dir}/<Model>/<run>/metrics.jsonl); "
                                      f"pass run directories or --runs-dir")
