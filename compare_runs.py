@@ -13,9 +13,11 @@ import json
 import os
 import sys
 
+import checkpoints
 import model_preparation as prep
 import user_input
-from log_data import PALETTE, Panel, Series, line_chart, read_metrics, run_stats
+from figures import PALETTE, Panel, Series, line_chart
+from log_data import read_metrics, run_stats
 
 PROG = "compare_runs.py"
 REQUIRED_KEYS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "epoch_time_s", "train_img_per_s")
@@ -61,7 +63,7 @@ class Run:
 def newest_runs(runs_dir: str) -> list[str]:
     """The most recently written run directory of each model under runs_dir."""
     found = [folder for model in user_input.CHOICES["model"]
-             if (folder := prep.newest_run_folder(runs_dir, model, "metrics.jsonl")) is not None]
+             if (folder := checkpoints.newest_run_folder(runs_dir, model, "metrics.jsonl")) is not None]
     if not found:
         raise user_input.ConfigError(f"no runs found under {runs_dir} (no {runs_dir}/<Model>/<run>/metrics.jsonl); "
                                      f"pass run directories or --runs-dir")
