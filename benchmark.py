@@ -1,6 +1,6 @@
 """Speed and memory, measured: `python benchmark.py --device cpu --out DIR` (`--quick`: about a minute).
 
-Two parts, both after warm-up steps, reporting medians over timed steps:
+Three parts, all after warm-up steps, reporting medians over timed steps:
 - models: training and inference throughput (images/s) and peak training memory of the baseline
   ResNet-50 and the lambda ResNet-50 (every LAMBDA_POSITION mode there is) at the CIFAR-10 settings
   (32x32 images, ImageNet stem, batch 128 unless --batch-size), with the run's AMP / channels_last /
@@ -8,7 +8,12 @@ Two parts, both after warm-up steps, reporting medians over timed steps:
 - layers: one lambda layer against multi-head self-attention of the same width and heads on 8x8 ...
   64x64 maps (a forward and backward pass each), attention both with its maps materialised,
   softmax(QK^T)V as Bello 2021 measured it, and with PyTorch's fused scaled_dot_product_attention;
-  timm's LambdaLayer too when timm is importable. An out-of-memory is recorded as "OOM".
+  timm's LambdaLayer too when timm is importable, lucidrains' when lambda-networks is (an optional
+  extra: pip install lambda-networks). An out-of-memory is recorded as "OOM";
+- mixers (with the models): each 3x3 conv of the baseline and each lambda layer (per mode) at the
+  widths, map sizes and strides of the network, forward + backward at the model batch; the network
+  totals against the floor (the lambda network with identities for its lambda layers); and the
+  kernel-launching aten ops (KernelCount) per layer and per training step (docs/lambda-speed.md).
 
 Peak memory: on CUDA torch.cuda.max_memory_allocated; elsewhere the bytes of live tensor storages,
 counted by a dispatch mode that sees every tensor the step creates (plus parameters, optimizer state

@@ -40,7 +40,8 @@ lambda_c + lambda_p is formed before the one contraction with the queries.
 Kernels and layouts (docs/lambda-speed.md has the measurements): a handful of kernel-launching aten
 ops per training forward + backward (u = 1, 8x8 map: 21 absolute, 23 relative, 22 conv with r 23,
 20 with r <= 15; 20 relative on maps of <= 4 positions; counted by ``benchmark.py``, asserted in
-tests/test_lambda_modes.py), and every contraction a batched GEMM on views, no copies when u = 1:
+tests/test_lambda_modes.py), and every contraction a batched GEMM on views, no copies when u = 1
+except the lambda convolution's one copy of the values into its channels-last volume:
 
 - one 1x1 convolution projects queries, values and keys (one GEMM); its kernel has channels_last
   strides, so the output is positions-major ([b, n, channels] in memory) whatever x's layout;
@@ -50,9 +51,11 @@ tests/test_lambda_modes.py), and every contraction a batched GEMM on views, no c
   matrix (expanded over b) with the same values, or the lambda convolution as a channels-last 3D
   convolution over (H, W, v) whose output is already [b, n, v, k] in memory ("relative" on maps of
   <= RELATIVE_AS_CONV_POSITIONS positions too, with its table as the kernel: no gather);
-- queries: bmm [b*n, h, k] x [b*n, k, v]; the output is returned channels_last (a view).
-u > 1 costs one copy of the values (and of the gathered E in "relative"): their (m, u) axes are not
-adjacent in memory.
+- queries: bmm [b*n, h, k] x [b*n, k, v]; the output is returned channels_last (a view);
+- backward of the global modes (``GlobalLambdas``): E's gradient is one GEMM over (b, v), after
+  copying the lambdas' gradient and the values to [n*k, b*v] and [b*v, m*u].
+u > 1 costs a copy of the values (and of the gathered E in "relative", of the volume in "conv"):
+their (m, u) axes are not adjacent in memory.
 
 Mixed precision: the 1x1 projection follows autocast; the batch norm, the key softmax and every
 lambda contraction run in float32 (autocast disabled inside the layer; float64 stays float64) and
