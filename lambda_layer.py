@@ -46,7 +46,7 @@ except the lambda convolution's one copy of the values into its channels-last vo
 - one 1x1 convolution projects queries, values and keys (one GEMM); its kernel has channels_last
   strides, so the output is positions-major ([b, n, channels] in memory) whatever x's layout;
 - one batch norm normalises queries and values together (per-channel statistics: exact), without
-  the batch counter that only momentum=None reads;
+  incrementing the batch counter that only momentum=None reads (``UncountedBatchNorm2d``);
 - content lambda: bmm [b, k, m*u] x [b, m*u, v]; position lambdas: bmm of E as the [n*k, m*u]
   matrix (expanded over b) with the same values, or the lambda convolution as a channels-last 3D
   convolution over (H, W, v) whose output is already [b, n, v, k] in memory ("relative" on maps of
@@ -108,6 +108,17 @@ def reachable_kernel(kernel: torch.Tensor, height: int, width: int) -> tuple[tor
     pad_y, pad_x = min(centre, height - 1), min(centre, width - 1)
     kernel = kernel[..., centre - pad_y:centre + pad_y + 1, centre - pad_x:centre + pad_x + 1]  # k, u, 1, <=r, <=r
     return kernel, pad_y, pad_x
+
+
+class UncountedBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d (momentum 0.1) that does not increment ``num_batches_tracked``: the counter serves
+    only momentum=None (a cumulative average), and its increment is one kernel per training step.
+    The buffer stays (at 0), so SyncBatchNorm conversion under torchrun works as for any norm."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        assert self.momentum is not None and self.track_running_stats, "an exponential average needs no counter"
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, self.training,
+                            self.momentum, self.eps)
 
 
 class GlobalLambdas(torch.autograd.Function):
@@ -184,10 +195,7 @@ class LambdaLayer(nn.Module):
         # the 1x1 kernel gets channels_last strides: the convolution then writes a channels-last output
         # (positions outermost) from a channels-first x too, and its gradient needs no re-layout
         self.to_qkv.weight = nn.Parameter(torch.empty_strided(self.to_qkv.weight.shape, (dim, 1, dim, dim)))
-        self.norm_qv = nn.BatchNorm2d(self.split_sizes[0] + self.split_sizes[1])
-        # its batch counter only serves momentum=None (a cumulative average); at momentum 0.1 it is an
-        # unused increment, one kernel per training step, so the layer's norm has none
-        self.norm_qv.register_buffer("num_batches_tracked", None)
+        self.norm_qv = UncountedBatchNorm2d(self.split_sizes[0] + self.split_sizes[1])
 
         if embedding is None:
             embedding = make_position_embedding(self.size, dim_k, dim_u, position, r)

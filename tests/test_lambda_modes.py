@@ -407,3 +407,18 @@ def test_global_lambdas_gradients_match_autograd():
     assert torch.autograd.gradcheck(GlobalLambdas.apply, (embedding, keys, values))
     assert torch.autograd.gradcheck(GlobalLambdas.apply, (embedding.detach().t().contiguous().t().requires_grad_(),
                                                          keys, values[:, :, 1:]))  # strided operands
+
+
+def test_uncounted_norm_matches_batchnorm_and_converts_to_syncbatchnorm():
+    """The layer's norm is BatchNorm2d without the batch counter's increment: same outputs and running
+    statistics, the counter buffer kept (at 0), and SyncBatchNorm conversion (SYNC_BN) still works."""
+    from lambda_layer import UncountedBatchNorm2d
+
+    torch.manual_seed(0)
+    ours, plain = UncountedBatchNorm2d(5), torch.nn.BatchNorm2d(5)
+    x = torch.randn(4, 5, 3, 3) * 2 + 1
+    torch.testing.assert_close(ours(x), plain(x))
+    torch.testing.assert_close(ours.running_var, plain.running_var)
+    assert ours.num_batches_tracked == 0 and plain.num_batches_tracked == 1
+    converted = torch.nn.SyncBatchNorm.convert_sync_batchnorm(mode_layer("relative", None, (3, 5)))
+    assert isinstance(converted.norm_qv, torch.nn.SyncBatchNorm) and converted.norm_qv.num_batches_tracked is not None
