@@ -32,9 +32,9 @@ class GraphedStep:
     The first WARMUP_STEPS batches train eagerly on a side stream (as graph capture requires), the
     next one is captured, then every batch is copied into the graph's static input buffers and the
     graph replayed. A batch of another shape (a last partial batch) trains eagerly, and so does
-    every step if the capture fails (a warning says so). ``check(loss)``
-    runs after the replay: on the device it only records a non-finite loss, so nothing waits. The
-    gradient scaler's host-side bookkeeping does not replay, so fp16 is captured only on request.
+    every step if the capture fails (a warning says so). ``check(loss)`` runs after the replay: on
+    the device it only records a non-finite loss, so nothing waits. The gradient scaler's
+    host-side bookkeeping does not replay, so fp16 is captured only on request.
     """
 
     def __init__(self, step: EagerStep):
@@ -72,7 +72,7 @@ class GraphedStep:
         self.step.optimizer.zero_grad(set_to_none=True)  # gradients then live in the graph's memory
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph):
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # DataLoader's pin-memory thread may run
                 self.logits, self.loss = self.step(self.images, self.labels)
         except RuntimeError as error:  # an op that cannot be captured (a host sync, a host-to-device copy)
             self.failed = True
