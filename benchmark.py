@@ -31,6 +31,7 @@ import platform
 import re
 import statistics
 import sys
+import tempfile
 import time
 import weakref
 
@@ -40,14 +41,18 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+import cuda_graph
+import data_preprocessing
 import distributed
 import model_preparation as prep
+import nntrain
+import resnet_lambda
+import user_input
 from figures import Panel, Series, line_chart
 from lambda_layer import POSITIONS, LambdaLayer
-import resnet_lambda
-from resnet import STAGE_WIDTHS
-import user_input
+from nntest import evaluate_confusion
 from nntrain import synchronize
+from resnet import STAGE_WIDTHS
 from user_input import ConfigError
 
 PROG = "benchmark.py"
@@ -79,12 +84,22 @@ def build_parser() -> user_input._OneLineParser:
                         help="skip a layer case (recorded as OOM) whose analytic memory exceeds this; "
                              "default: half the available RAM on CPU, none on CUDA")
     parser.add_argument("--skip-models", action="store_true", help="only the layer comparison")
+    parser.add_argument("--epoch-train-size", type=int, default=None,
+                        help="epochs table: synthetic training images (default 50000, CIFAR-10's; --quick: 64)")
+    parser.add_argument("--epoch-test-size", type=int, default=None,
+                        help="epochs table: synthetic test images (default 10000; --quick: 32)")
+    parser.add_argument("--epoch-compile", default="auto",
+                        help="epochs table: COMPILE values to measure, comma-separated (e.g. off,graph,reduce-overhead)")
+    parser.add_argument("--epoch-models", default="baseline,absolute,relative,conv",
+                        help="epochs table: the baseline and/or lambda position modes to run, comma-separated")
+    parser.add_argument("--skip-epochs", action="store_true", help="no epochs table")
     return parser
 
 
 def resolve_args(args) -> None:
     """Fill the defaults that depend on --quick; refuse nonsense with a ConfigError."""
-    quick = {"batch_size": (128, 4), "layer_batch": (8, 1), "warmup": (2, 1), "iters": (5, 2)}
+    quick = {"batch_size": (128, 4), "layer_batch": (8, 1), "warmup": (2, 1), "iters": (5, 2),
+             "epoch_train_size": (50_000, 64), "epoch_test_size": (10_000, 32)}
     for key, (full, small) in quick.items():
         if getattr(args, key) is None:
             setattr(args, key, small if args.quick else full)
@@ -98,6 +113,12 @@ def resolve_args(args) -> None:
         args.sizes = [int(size) for size in args.sizes.split(",")]
     except ValueError:
         raise ConfigError(f"--sizes={args.sizes!r} must be sizes like 8,16,32,64") from None
+    unknown = [name for name in args.epoch_models.split(",") if name not in ("baseline", *POSITIONS)]
+    if unknown:
+        raise ConfigError(f"--epoch-models {unknown[0]!r} is not one of baseline, {', '.join(POSITIONS)}")
+    unknown = [mode for mode in args.epoch_compile.split(",") if mode not in user_input.CHOICES["compile"]]
+    if unknown:
+        raise ConfigError(f"--epoch-compile {unknown[0]!r} is not one of {', '.join(user_input.CHOICES['compile'])}")
     if min(args.sizes) < 1 or args.width % args.heads or args.num_threads < 0 or args.lambda_r % 2 == 0:
         raise ConfigError("--sizes must be >= 1, --heads must divide --width, --num-threads >= 0, --lambda-r odd")
 
@@ -231,6 +252,101 @@ def benchmark_model(variant: dict, args, device: torch.device, amp: str, build=p
     del model, optimizer
     gc.collect()
     return result
+
+
+# --- epochs: the run's own training loop ---
+
+CIFAR10_TRAIN, CIFAR10_TEST, RUN_EPOCHS = 50_000, 10_000, 90  # what the projection is for
+WARMUP_TEST_BATCHES = 2
+
+
+def epoch_config(variant: dict, args, data_dir: str, compile_mode: str) -> dict:
+    config = dict(user_input.defaults(), **variant, dataset="synthetic", data_dir=data_dir,
+                  synthetic_train_size=args.epoch_train_size, synthetic_test_size=args.epoch_test_size,
+                  batch_size=args.batch_size, device=args.device, amp=args.amp, channels_last=args.channels_last,
+                  compile=compile_mode, num_workers=0)
+    user_input.validate(config)
+    return config
+
+
+def timed(work, device: torch.device) -> tuple[object, float]:
+    """(result of work(), seconds it took on the device)."""
+    synchronize(device)
+    start = time.perf_counter()
+    result = work()
+    synchronize(device)
+    return result, time.perf_counter() - start
+
+
+def benchmark_epochs(variant: dict, args, device: torch.device, data_dir: str, compile_mode: str) -> dict:
+    """A run's first steps, then one whole epoch and evaluation, with the functions main_general.py
+    trains with (build_training, nntrain.train, nntest.evaluate_confusion) on the synthetic set."""
+    config = epoch_config(variant, args, data_dir, compile_mode)
+    torch.manual_seed(config["seed"])
+    training = prep.build_training(config, device)
+
+    def train(epoch: int, max_batches: int = 0):
+        data_preprocessing.seed_epoch(training.generator, config["seed"], epoch, training.train_loader)
+        return nntrain.train(training.model, training.train_loader, training.criterion, training.optimizer, device,
+                             epoch, max_batches, channels_last=training.channels_last, step=training.step)
+
+    def evaluate(max_batches: int = 0):
+        return evaluate_confusion(training.model, training.test_loader, training.criterion, device, max_batches,
+                                  autocast=training.autocast, channels_last=training.channels_last)
+
+    first_steps = cuda_graph.WARMUP_STEPS + 1  # through the capture of a CUDA graph
+    _, first_s = timed(lambda: (train(0, first_steps), evaluate(WARMUP_TEST_BATCHES)), device)
+    train_img_per_s = train(1)[3]
+    (_, _, confusion), test_s = timed(evaluate, device)
+    test_img_per_s = int(confusion.sum()) / test_s
+    steady_epoch_s = CIFAR10_TRAIN / train_img_per_s + CIFAR10_TEST / test_img_per_s
+    record = {"model": config["model"], "lambda_position": variant.get("lambda_position", "-"),
+              "compile": training.compile, "compile_setting": compile_mode, "amp": training.amp, "batch": config["batch_size"],
+              "train_images": config["synthetic_train_size"], "test_images": int(confusion.sum()),
+              "first_step_s": first_s, "first_steps": first_steps, "train_img_per_s": train_img_per_s,
+              "test_img_per_s": test_img_per_s,
+              "epoch_s": config["synthetic_train_size"] / train_img_per_s + test_s,
+              "cifar10_epoch_s": steady_epoch_s, "projected_90_epochs_s": first_s + RUN_EPOCHS * steady_epoch_s}
+    del training
+    gc.collect()
+    return record
+
+
+def epoch_variants(args) -> list[dict]:
+    chosen = args.epoch_models.split(",")
+    return [v for v in model_variants() if v.get("lambda_position", v["model"]) in chosen]
+
+
+def run_epochs(args, device: torch.device) -> list[dict]:
+    """The epochs table: every model variant under every --epoch-compile value."""
+    records = []
+    with tempfile.TemporaryDirectory(prefix="benchmark-data-") as data_dir:
+        for compile_mode in args.epoch_compile.split(","):
+            for variant in epoch_variants(args):
+                records.append(benchmark_epochs(variant, args, device, data_dir, compile_mode))
+                r = records[-1]
+                print(f"epochs {variant} compile {r['compile']}: first steps {r['first_step_s']:.1f} s, "
+                      f"{r['train_img_per_s']:.0f} train img/s, {r['test_img_per_s']:.0f} test img/s, "
+                      f"90 epochs {r['projected_90_epochs_s'] / 60:.1f} min", flush=True)
+    return records
+
+
+def epochs_markdown(records: list[dict]) -> str:
+    if not records:
+        return ""
+    first = records[0]
+    lines = [f"## Epochs (the training loop of main_general.py, synthetic set of {first['train_images']:,} train / "
+             f"{first['test_images']:,} test images, batch {first['batch']}, AMP {first['amp']})", "",
+             f"First steps: the first {first['first_steps']} training steps and {WARMUP_TEST_BATCHES} test batches, "
+             f"compile and CUDA-graph capture included. 90 epochs: that, plus 90 CIFAR-10-sized epochs "
+             f"({CIFAR10_TRAIN:,} train + {CIFAR10_TEST:,} test images) at the steady speeds.", "",
+             "| model | position | compile | first steps s | train img/s | test img/s | epoch s | 90 epochs min |",
+             "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['model']} | {r['lambda_position']} | {r['compile']}"
+              f"{'' if r['compile'] == r['compile_setting'] else ' (asked ' + r['compile_setting'] + ')'} | {r['first_step_s']:.1f} | "
+              f"{r['train_img_per_s']:,.0f} | {r['test_img_per_s']:,.0f} | {r['epoch_s']:.1f} | "
+              f"{r['projected_90_epochs_s'] / 60:.1f} |" for r in records]
+    return "\n".join(lines) + "\n\n"
 
 
 # --- layers ---
@@ -650,15 +766,16 @@ def run(args, argv: list[str]) -> dict:
         for name, build in layer_builders(args).items():
             layers.append(benchmark_layer(name, build, args, size, device, limit))
             print(f"{size}x{size} {name}: {layers[-1].get('time_ms', layers[-1]['status'])} ms", flush=True)
+    epochs = [] if args.skip_epochs else run_epochs(args, device)
     settings = {key: value for key, value in vars(args).items()}
     settings["amp"] = amp
     report = {"machine": machine(device), "settings": settings, "memory_method": memory_method(device),
               "timm": timm_status(), "command": " ".join(["python", PROG, *argv]),
-              "models": models, "layers": layers, "targets": targets(models, layers, args), "mixers": mixers,
-              "lucidrains": lucidrains_status()}
+              "models": models, "layers": layers, "epochs": epochs, "targets": targets(models, layers, args),
+              "mixers": mixers, "lucidrains": lucidrains_status()}
     with open(os.path.join(out, "benchmark.json"), "w") as f:
         json.dump(report, f, indent=1)
-    table = markdown(report) + mixers_markdown(mixers)
+    table = markdown(report) + mixers_markdown(mixers) + epochs_markdown(epochs)
     with open(os.path.join(out, "benchmark.md"), "w") as f:
         f.write(table)
     plot(report, os.path.join(out, "benchmark.png"))

@@ -25,7 +25,7 @@ import model_preparation as prep
 from log_data import RunLogger
 from nntest import evaluate_confusion
 from nntrain import NonFiniteLossError, TrainingInterrupted, train
-from user_input import ConfigError, parse_config, switched_on
+from user_input import ConfigError, parse_config
 
 PROG = "main_general.py"
 
@@ -174,106 +174,147 @@ def resolve_resume_on_main(config: dict) -> dict | None:
 
 
 def run(config: dict, stop: StopRequest) -> None:
-    check_writable(config["runs_dir"], "runs_dir")
-    check_writable(config["checkpoint_dir"], "checkpoint_dir")
-    device = prep.select_device(config["device"])
-    if distributed.launched_by_torchrun():
-        device = distributed.init_distributed(device)
+    """A run, in order: device and resume point, what it trains with, its folders and first
+    checkpoint, then the epochs, logged to the run directory."""
+    device = prepare_device(config)
     checkpoint = resolve_resume_on_main(config)
     if checkpoint is not None:
         config["run_name"] = checkpoint["config"]["run_name"]
-    amp = prep.resolve_amp(config["amp"], device)
     prep.configure_backends(config, device)
     seed_everything(config["seed"])
-    model = prep.speed_up(prep.build_model(config).to(device), config, device)  # DDP under torchrun
-    # rank 0 first: it writes the synthetic set (or downloads CIFAR-10) that the others read
-    train_loader, test_loader, generator = distributed.from_main(
-        lambda: data_preprocessing.build_loaders(config, device, distributed.rank(), distributed.world_size()), everywhere=True)
-    criterion = prep.build_criterion(config)
-    optimizer = prep.build_optimizer(model, config)
-    scheduler = prep.build_scheduler(optimizer, config)
-    speed = {"autocast": prep.autocast(amp, device), "scaler": prep.build_scaler(amp, device),
-             "channels_last": switched_on(config["channels_last"], device)}
-    start_epoch, best = 0, {"acc": -1.0, "epoch": 0}
-    if checkpoint is not None:
-        prep.restore(checkpoint, model, optimizer, scheduler, speed["scaler"])
-        start_epoch, best = checkpoint["epoch"], {"acc": checkpoint["best_acc"], "epoch": checkpoint["best_epoch"]}
-
+    training = prep.build_training(config, device)
+    start_epoch, best = restore_state(checkpoint, training)
     # rank 0 names the run (a timestamp) and creates its folders; the other ranks take that name
     run_dir, checkpoint_dir = distributed.from_main(lambda: claim_run_dirs(config, resuming=checkpoint is not None))
     config["run_name"] = os.path.basename(run_dir)
-    last = os.path.join(checkpoint_dir, "last.pt")
-    if distributed.is_main() and checkpoint is None:  # epoch 0: a run killed in its first epoch can be resumed too
-        checkpoints.save_checkpoint(checkpoints.checkpoint_state(model, optimizer, scheduler, 0, best, config, speed["scaler"]), last)
-    elif distributed.is_main():
-        checkpoints.remove_stale_temporaries(checkpoint_dir)
-    stop.resume_from = last
+    stop.resume_from = first_checkpoint(checkpoint_dir, checkpoint, training, best, config)
     logger = RunLogger(run_dir, start_epoch) if distributed.is_main() else SilentLogger()
     try:
-        logger.text(f"{config['model']} ResNet-50, {prep.count_parameters(model):,} parameters, on {device}; "
-                    f"{len(train_loader.dataset)} train / {len(test_loader.dataset)} test images ({config['dataset']})")
-        logger.text("config: " + ", ".join(f"{k}={v!r}" for k, v in config.items()))
-        logger.text(f"speed: amp {amp}, channels_last {speed['channels_last']}, device loader "
-                    f"{isinstance(train_loader, data_preprocessing.DeviceLoader)}, compile {config['compile']}, "
-                    f"{torch.get_num_threads()} CPU threads")
-        if distributed.distributed():
-            world = distributed.world_size()
-            logger.text(f"torchrun: {world} processes ({torch.distributed.get_backend()}), global batch "
-                        f"{config['batch_size']} x {world} = {config['batch_size'] * world} images per step "
-                        f"(LR is not scaled with it), SyncBatchNorm {config['sync_bn']}")
-        if checkpoint is not None:
-            logger.text(f"resumed from {checkpoint['path']} at epoch {start_epoch + 1}")
-        logger.text(f"run directory {run_dir}, checkpoints {checkpoint_dir}")
-        logger.config(config)
-        if distributed.is_main():
-            logger.samples(data_preprocessing.sample_grid(train_loader.dataset, config["seed"]))
-        train_epochs(config, model, (train_loader, test_loader, generator), criterion, optimizer, scheduler,
-                     device, start_epoch, best, logger, checkpoint_dir, speed, stop)
+        log_start(logger, config, training, device, checkpoint, start_epoch, (run_dir, checkpoint_dir))
+        train_epochs(config, training, device, start_epoch, best, logger, checkpoint_dir, stop)
         logger.text(logger.summary())
-    except TrainingInterrupted as error:
-        logger.text(f"stopped by {stop.name()} in {error}; a resume from {last} trains that epoch again")
-        raise
-    except NonFiniteLossError as error:
-        logger.text(f"stopped: {error}")
+    except (TrainingInterrupted, NonFiniteLossError, torch.OutOfMemoryError) as error:
+        logger.text(stopped_line(error, config, stop))
         raise
     finally:
         logger.close()
 
 
-def train_epochs(config, model, data, criterion, optimizer, scheduler, device, start_epoch, best,
-                 logger, checkpoint_dir, speed: dict, stop) -> None:
-    """``speed``: autocast context, gradient scaler and channels_last flag, as made in run()."""
-    train_loader, test_loader, generator = data
+def prepare_device(config: dict) -> torch.device:
+    """The run's device, once its folders are known to be writable; under torchrun this rank's."""
+    check_writable(config["runs_dir"], "runs_dir")
+    check_writable(config["checkpoint_dir"], "checkpoint_dir")
+    device = prep.select_device(config["device"])
+    return distributed.init_distributed(device) if distributed.launched_by_torchrun() else device
+
+
+def restore_state(checkpoint: dict | None, training: prep.Training) -> tuple[int, dict]:
+    """(first epoch to train, best test accuracy so far): the checkpoint's, or a fresh start's."""
+    if checkpoint is None:
+        return 0, {"acc": -1.0, "epoch": 0}
+    prep.restore(checkpoint, training.model, training.optimizer, training.scheduler, training.scaler)
+    return checkpoint["epoch"], {"acc": checkpoint["best_acc"], "epoch": checkpoint["best_epoch"]}
+
+
+def first_checkpoint(checkpoint_dir: str, checkpoint: dict | None, training: prep.Training, best: dict,
+                     config: dict) -> str:
+    """Write epoch 0's last.pt (a run killed in its first epoch can be resumed too) or, resuming,
+    clear the temporaries of a killed write; return the path of last.pt."""
+    last = os.path.join(checkpoint_dir, "last.pt")
+    if distributed.is_main() and checkpoint is None:
+        checkpoints.save_checkpoint(checkpoint_of(training, 0, best, config), last)
+    elif distributed.is_main():
+        checkpoints.remove_stale_temporaries(checkpoint_dir)
+    return last
+
+
+def checkpoint_of(training: prep.Training, next_epoch: int, best: dict, config: dict) -> dict:
+    return checkpoints.checkpoint_state(training.model, training.optimizer, training.scheduler, next_epoch, best,
+                                        config, training.scaler)
+
+
+def log_start(logger, config: dict, training: prep.Training, device: torch.device, checkpoint: dict | None,
+              start_epoch: int, folders: tuple[str, str]) -> None:
+    """The opening lines of log.txt: model, data, settings, speed, torchrun, resume, folders."""
+    logger.text(f"{config['model']} ResNet-50, {prep.count_parameters(training.model):,} parameters, on {device}; "
+                f"{len(training.train_loader.dataset)} train / {len(training.test_loader.dataset)} test images "
+                f"({config['dataset']})")
+    logger.text("config: " + ", ".join(f"{k}={v!r}" for k, v in config.items()))
+    logger.text(f"speed: {prep.describe_amp(config['amp'], training.amp, device)}, channels_last "
+                f"{training.channels_last}, device loader {isinstance(training.train_loader, data_preprocessing.DeviceLoader)}, "
+                f"compile {training.compile}, {torch.get_num_threads()} CPU threads")
+    if distributed.distributed():
+        world = distributed.world_size()
+        logger.text(f"torchrun: {world} processes ({torch.distributed.get_backend()}), global batch "
+                    f"{config['batch_size']} x {world} = {config['batch_size'] * world} images per step "
+                    f"(LR is not scaled with it), SyncBatchNorm {config['sync_bn']}")
+    if checkpoint is not None:
+        logger.text(f"resumed from {checkpoint['path']} at epoch {start_epoch + 1}")
+    logger.text(f"run directory {folders[0]}, checkpoints {folders[1]}")
+    logger.config(config)
+    if distributed.is_main():
+        logger.samples(data_preprocessing.sample_grid(training.train_loader.dataset, config["seed"]))
+
+
+def stopped_line(error: BaseException, config: dict, stop: StopRequest) -> str:
+    """The last line log.txt gets when training stops early."""
+    if isinstance(error, TrainingInterrupted):
+        return f"stopped by {stop.name()} in {error}; a resume from {stop.resume_from} trains that epoch again"
+    if isinstance(error, torch.OutOfMemoryError):
+        return f"stopped: {out_of_memory_message(config)}"
+    return f"stopped: {error}"
+
+
+def out_of_memory_message(config: dict) -> str:
+    """One line for a device out of memory: the batch size and the memory the card has."""
+    card = "the device"
+    if config["device"] != "cpu" and torch.cuda.is_available():
+        properties = torch.cuda.get_device_properties(torch.cuda.current_device())
+        card = f"the {properties.name} ({properties.total_memory / 2 ** 30:.1f} GiB)"
+    smaller = max(config["batch_size"] // 2, 1)
+    return (f"out of memory: BATCH_SIZE={config['batch_size']} does not fit on {card}; try --batch-size {smaller} "
+            f"(the last checkpoint is intact)")
+
+
+def train_epochs(config: dict, training: prep.Training, device: torch.device, start_epoch: int, best: dict,
+                 logger, checkpoint_dir: str, stop: StopRequest) -> None:
+    """Train and evaluate each epoch from `start_epoch` on; log it and checkpoint it."""
     if start_epoch >= config["epochs"]:
         logger.text(f"the run already has {start_epoch} epochs; pass a larger --epochs to train on")
     for epoch in range(start_epoch, config["epochs"]):
-        data_preprocessing.seed_epoch(generator, config["seed"], epoch, train_loader, distributed.rank())
-        lr = optimizer.param_groups[0]["lr"]
-        train_loss, train_acc, train_time, img_per_s = train(model, train_loader, criterion, optimizer, device,
-                                                             epoch, config["max_batches"], **speed,
-                                                             stop=stop.event)
-        test_start = time.perf_counter()
-        distributed.sync_buffers(model)  # under torchrun: every rank evaluates rank 0's BatchNorm statistics
-        evaluated = distributed.unwrap(model) if distributed.distributed() else model
-        test_loss, test_acc, confusion = evaluate_confusion(evaluated, test_loader, criterion, device, config["max_batches"],
-                                                            autocast=speed["autocast"],
-                                                            channels_last=speed["channels_last"])
-        test_time = time.perf_counter() - test_start
-        scheduler.step()
-        improved = test_acc > best["acc"]
+        record = train_and_evaluate(config, training, device, epoch, stop)
+        confusion = record.pop("confusion")
+        improved = record["test_acc"] > best["acc"]
         if improved:
-            best = {"acc": test_acc, "epoch": epoch + 1}
-        logger.epoch({"epoch": epoch + 1, "train_loss": train_loss, "train_acc": train_acc,
-                      "test_loss": test_loss, "test_acc": test_acc, "lr": lr,
-                      "epoch_time_s": train_time,
-                      "train_img_per_s": img_per_s, "test_time_s": test_time,
-                      "test_images": int(confusion.sum())}, config["epochs"])
-        logger.evaluation(epoch + 1, confusion, test_loader.dataset.classes)
+            best = {"acc": record["test_acc"], "epoch": epoch + 1}
+        logger.epoch(record, config["epochs"])
+        logger.evaluation(epoch + 1, confusion, training.test_loader.dataset.classes)
         if distributed.is_main():
-            state = checkpoints.checkpoint_state(model, optimizer, scheduler, epoch + 1, best, config, speed["scaler"])
-            checkpoints.save_checkpoints(state, checkpoint_dir, improved, config["checkpoint_every"])
+            checkpoints.save_checkpoints(checkpoint_of(training, epoch + 1, best, config), checkpoint_dir, improved,
+                                         config["checkpoint_every"])
         if distributed.any_rank(stop.event.is_set())[0] and epoch + 1 < config["epochs"]:
             raise TrainingInterrupted(f"epoch {epoch + 2}, before its first step")
+
+
+def train_and_evaluate(config: dict, training: prep.Training, device: torch.device, epoch: int,
+                       stop: StopRequest) -> dict:
+    """One epoch: train, evaluate, step the schedule; the epoch's record (and its confusion matrix)."""
+    data_preprocessing.seed_epoch(training.generator, config["seed"], epoch, training.train_loader, distributed.rank())
+    lr = float(training.optimizer.param_groups[0]["lr"])  # a device tensor under COMPILE=graph
+    train_loss, train_acc, train_time, img_per_s = train(
+        training.model, training.train_loader, training.criterion, training.optimizer, device, epoch,
+        config["max_batches"], channels_last=training.channels_last, stop=stop.event, step=training.step)
+    test_start = time.perf_counter()
+    distributed.sync_buffers(training.model)  # under torchrun: every rank evaluates rank 0's BatchNorm statistics
+    evaluated = distributed.unwrap(training.model) if distributed.distributed() else training.model
+    test_loss, test_acc, confusion = evaluate_confusion(evaluated, training.test_loader, training.criterion, device,
+                                                        config["max_batches"], autocast=training.autocast,
+                                                        channels_last=training.channels_last)
+    test_time = time.perf_counter() - test_start
+    training.scheduler.step()
+    return {"epoch": epoch + 1, "train_loss": train_loss, "train_acc": train_acc, "test_loss": test_loss,
+            "test_acc": test_acc, "lr": lr, "epoch_time_s": train_time, "train_img_per_s": img_per_s,
+            "test_time_s": test_time, "test_images": int(confusion.sum()), "confusion": confusion}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -284,6 +325,9 @@ def main(argv: list[str] | None = None) -> int:
             run(config, stop)
         except ConfigError as error:  # printed by every rank: it may be one rank's own
             print(f"{PROG}: error: {error}", file=sys.stderr)
+            return 2
+        except torch.OutOfMemoryError:
+            print(f"{PROG}: error: {out_of_memory_message(config)}", file=sys.stderr)
             return 2
         except NonFiniteLossError as error:  # under torchrun every rank stops at the same step: rank 0 says so
             if distributed.is_main():

@@ -1,4 +1,4 @@
-"""One epoch of training."""
+"""One epoch of training: the step (forward, loss, backward, optimizer step) and the loop around it."""
 from __future__ import annotations
 
 import contextlib
@@ -12,6 +12,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import distributed
+
+READ_EVERY_S = 0.5  # the host reads the device's sums (progress bar, non-finite check) this often
 
 
 class NonFiniteLossError(RuntimeError):
@@ -28,6 +30,37 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
     elif device.type == "mps":
         torch.mps.synchronize()
+
+
+class EagerStep:
+    """One training step, op by op: forward, loss, backward, optimizer step.
+
+    ``autocast``: the run's one autocast context (model_preparation.autocast); ``scaler``: the fp16
+    gradient scaler (a disabled one passes straight through). ``mark_steps``: tell torch.compile's
+    CUDA graphs (modes reduce-overhead, max-autotune) that a new step begins.
+    """
+
+    def __init__(self, model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer,
+                 autocast=None, scaler: torch.amp.GradScaler | None = None, mark_steps: bool = False):
+        self.model, self.criterion, self.optimizer = model, criterion, optimizer
+        self.autocast = autocast if autocast is not None else contextlib.nullcontext()
+        self.scaler = scaler if scaler is not None else torch.amp.GradScaler("cpu", enabled=False)
+        self.mark_steps = mark_steps
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, check=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, loss) of the step; ``check(loss)`` runs before anything is applied."""
+        if self.mark_steps:
+            torch.compiler.cudagraph_mark_step_begin()
+        with self.autocast:
+            logits = self.model(images)
+            loss = self.criterion(logits, labels)
+        if check is not None:
+            check(loss)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return logits.detach(), loss.detach()
 
 
 def earliest_bad_step(first_bad_step: torch.Tensor) -> torch.Tensor:
@@ -49,90 +82,131 @@ def check_finite(first_bad_step: torch.Tensor, epoch: int) -> None:
                                  f"(found on the device a few steps later)")
 
 
+class StepChecks:
+    """Stop requests, non-finite losses and the torchrun agreement on both, for one epoch's steps.
+
+    One process: a set ``stop`` raises TrainingInterrupted before the next step (``before``). A
+    non-finite loss raises NonFiniteLossError naming its step: on the CPU before that step is
+    applied (``loss``, a free check there); on an accelerator the first bad step is recorded on
+    the device and raised at the next read (``read_due``, every READ_EVERY_S, and ``finish``).
+    Under torchrun the ranks agree after every forward pass (one all-reduce of three flags on the
+    CPU, no device sync) whether any rank was stopped, had a non-finite loss (CPU) or wants its
+    read, so that they all stop at the same step.
+    """
+
+    def __init__(self, device: torch.device, epoch: int, total: int, stop: threading.Event | None):
+        self.epoch, self.total, self.stop = epoch, total, stop
+        self.several = distributed.distributed()
+        self.check_at_once = device.type == "cpu"  # free on the CPU; a host sync on an accelerator
+        self.first_bad_step = torch.zeros((), device=device, dtype=torch.long)  # 1-based; 0: none yet
+        self.step, self.read_at, self.read_now = 0, time.perf_counter(), False
+
+    def where(self) -> str:
+        return f"epoch {self.epoch + 1}, step {self.step} of {self.total}"
+
+    def before(self, index: int) -> None:
+        """Step ``index`` (0-based) is about to start: raise if a stop was requested."""
+        self.step = index + 1
+        if not self.several and self.stop is not None and self.stop.is_set():
+            raise TrainingInterrupted(self.where())
+
+    def loss(self, loss: torch.Tensor) -> None:
+        """The step's loss, before its backward pass (whose gradient all-reduce every rank must join)."""
+        at_once = self.check_at_once
+        if self.several:
+            stopping, bad, self.read_now = distributed.any_rank(
+                self.stop is not None and self.stop.is_set(), at_once and not math.isfinite(loss.item()),
+                time.perf_counter() - self.read_at > READ_EVERY_S)
+            if stopping:
+                raise TrainingInterrupted(self.where())
+            if bad:
+                raise NonFiniteLossError(f"non-finite training loss on a rank in epoch {self.epoch + 1}, step {self.step}")
+        elif at_once and not math.isfinite(loss.item()):
+            raise NonFiniteLossError(f"non-finite training loss ({loss.item()}) in epoch {self.epoch + 1}, "
+                                     f"step {self.step}")
+        if not at_once:  # remember the first bad step on the device, read at the next read
+            bad = (self.first_bad_step == 0) & ~torch.isfinite(loss.detach())
+            self.first_bad_step = torch.where(bad, self.step, self.first_bad_step)
+
+    def read_due(self) -> bool:
+        """True (after raising for a recorded non-finite loss) when the host should read the sums now."""
+        now = time.perf_counter()
+        if not (self.read_now if self.several else now - self.read_at > READ_EVERY_S):
+            return False
+        self.read_at = now
+        self.finish()  # every rank raises, or none
+        return True
+
+    def finish(self) -> None:
+        """Raise NonFiniteLossError for the earliest non-finite loss any rank recorded (a host sync)."""
+        self.first_bad_step = earliest_bad_step(self.first_bad_step)
+        check_finite(self.first_bad_step, self.epoch)
+
+
+class Meter:
+    """Summed loss and correct predictions, kept on the device; the host reads them when asked."""
+
+    def __init__(self, device: torch.device):
+        self.loss_sum = torch.zeros((), device=device)
+        self.correct = torch.zeros((), device=device, dtype=torch.long)
+        self.seen = 0
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        self.loss_sum += loss * labels.size(0)
+        self.correct += (logits.argmax(dim=1) == labels).sum()
+        self.seen += labels.size(0)
+
+    def read(self) -> tuple[float, float]:
+        """(mean loss, top-1 accuracy %) so far: a host sync."""
+        seen = max(self.seen, 1)
+        return self.loss_sum.item() / seen, 100.0 * self.correct.item() / seen
+
+    def over_ranks(self) -> None:
+        """Under torchrun: the sums and counts of all ranks, on every rank."""
+        if distributed.distributed():
+            seen = torch.tensor(self.seen, device=self.loss_sum.device)
+            distributed.all_reduce_sum(self.loss_sum, self.correct, seen)
+            self.seen = int(seen.item())
+
+
+def progress_bar(loader, total: int, description: str) -> tqdm:
+    return tqdm(loader, total=total, desc=description, leave=False, dynamic_ncols=True,
+                disable=not distributed.is_main())
+
+
 def train(model: nn.Module, loader: DataLoader, criterion: nn.Module, optimizer: torch.optim.Optimizer,
           device: torch.device, epoch: int, max_batches: int = 0, *, autocast=None,
           scaler: torch.amp.GradScaler | None = None, channels_last: bool = False,
-          stop: threading.Event | None = None) -> tuple[float, float, float, float]:
+          stop: threading.Event | None = None, step=None) -> tuple[float, float, float, float]:
     """Train for one epoch; return (mean loss, top-1 accuracy %, seconds, images per second).
 
-    Loss and correct counts accumulate on the device; the host reads them about twice a second
-    for the progress bar and once at the end, never once per step. ``autocast``: the run's one
-    autocast context (model_preparation.autocast); ``scaler``: the fp16 gradient scaler.
-    A non-finite loss raises NonFiniteLossError naming its step: on the CPU before that step is
-    applied; on an accelerator (no per-step sync) at the next read, the first bad step being
-    recorded on the device. When `stop` is set, TrainingInterrupted is raised before the next step.
-
-    Under torchrun the ranks agree after every forward pass (one all-reduce of three flags on the
-    CPU, no device sync) whether any rank was stopped, had a non-finite loss (CPU) or wants its
-    twice-a-second read, so that they all stop at the same step; loss, accuracy and images per
-    second are over all ranks.
+    ``step``: the training step (default an EagerStep of these pieces; a GraphedStep replays one
+    from a CUDA graph). Loss and correct counts accumulate on the device; the host reads them every
+    READ_EVERY_S for the progress bar and at the end, never once per step. ``StepChecks`` says
+    how stop requests and non-finite losses end the epoch. Under torchrun loss, accuracy and images
+    per second are over all ranks.
     """
     model.train()
-    autocast = autocast if autocast is not None else contextlib.nullcontext()
+    step = step if step is not None else EagerStep(model, criterion, optimizer, autocast, scaler)
     memory_format = torch.channels_last if channels_last else torch.preserve_format
     total = min(len(loader), max_batches) if max_batches else len(loader)
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.long)
-    first_bad_step = torch.zeros((), device=device, dtype=torch.long)  # 1-based; 0: none yet
-    seen, shown_at = 0, 0.0
+    checks, meter = StepChecks(device, epoch, total, stop), Meter(device)
+    bar = progress_bar(loader, total, f"epoch {epoch + 1} train")
     synchronize(device)
     start = time.perf_counter()
-    several = distributed.distributed()
-    bar = tqdm(loader, total=total, desc=f"epoch {epoch + 1} train", leave=False, dynamic_ncols=True,
-               disable=not distributed.is_main())
-    for step, (images, labels) in enumerate(bar):
-        if step == total:
-            break
-        if not several and stop is not None and stop.is_set():
-            raise TrainingInterrupted(f"epoch {epoch + 1}, step {step + 1} of {total}")
+    for index, (images, labels) in zip(range(total), bar):
+        checks.before(index)
         images = images.to(device, non_blocking=True, memory_format=memory_format)
         labels = labels.to(device, non_blocking=True)
-        with autocast:
-            logits = model(images)
-            loss = criterion(logits, labels)
-        if several:  # before the backward pass, whose gradient all-reduce every rank must join
-            read_now = time.perf_counter() - shown_at > 0.5
-            stopping, bad, read_now = distributed.any_rank(stop is not None and stop.is_set(),
-                                                    device.type == "cpu" and not math.isfinite(loss.item()),
-                                                    read_now)
-            if stopping:
-                raise TrainingInterrupted(f"epoch {epoch + 1}, step {step + 1} of {total}")
-            if bad:
-                raise NonFiniteLossError(f"non-finite training loss on a rank in epoch {epoch + 1}, step {step + 1}")
-        if device.type == "cpu" and not several:  # a check is free on the CPU: stop before the step is applied
-            if not math.isfinite(loss.item()):
-                raise NonFiniteLossError(f"non-finite training loss ({loss.item()}) in epoch {epoch + 1}, "
-                                         f"step {step + 1}")
-        elif device.type != "cpu":  # remember the first bad step on the device, read at the next sync
-            bad = (first_bad_step == 0) & ~torch.isfinite(loss.detach())
-            first_bad_step = torch.where(bad, step + 1, first_bad_step)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is None:
-            loss.backward()
-            optimizer.step()
-        else:  # a disabled scaler passes straight through
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        # accumulate without leaving the device
-        loss_sum += loss.detach() * labels.size(0)
-        correct += (logits.argmax(dim=1) == labels).sum()
-        seen += labels.size(0)
-        now = time.perf_counter()
-        if (read_now if several else now - shown_at > 0.5):  # these .item() are the only host syncs in the loop
-            shown_at = now
-            first_bad_step = earliest_bad_step(first_bad_step)  # every rank raises, or none
-            check_finite(first_bad_step, epoch)
-            mean_loss = loss_sum.item() / seen
-            bar.set_postfix(loss=f"{mean_loss:.3f}", acc=f"{100 * correct.item() / seen:.1f}",
-                            img_s=f"{seen / (now - start):.0f}")
+        logits, loss = step(images, labels, checks.loss)
+        meter.add(loss, logits, labels)
+        if checks.read_due():  # the only host syncs in the loop
+            mean_loss, accuracy = meter.read()
+            bar.set_postfix(loss=f"{mean_loss:.3f}", acc=f"{accuracy:.1f}",
+                            img_s=f"{meter.seen / (time.perf_counter() - start):.0f}")
     synchronize(device)
     elapsed = time.perf_counter() - start
-    if several:  # sums over the ranks; the first bad step of any rank
-        seen_all = torch.tensor(seen, device=device)
-        distributed.all_reduce_sum(loss_sum, correct, seen_all)
-        first_bad_step = earliest_bad_step(first_bad_step)
-        seen = int(seen_all.item())
-    check_finite(first_bad_step, epoch)
-    mean_loss = loss_sum.item() / max(seen, 1)
-    return mean_loss, 100.0 * correct.item() / max(seen, 1), elapsed, seen / elapsed
+    meter.over_ranks()
+    checks.finish()
+    mean_loss, accuracy = meter.read()
+    return mean_loss, accuracy, elapsed, meter.seen / elapsed

@@ -54,7 +54,7 @@ AMP = "auto"  # mixed precision: "auto" (bf16 on CUDA, fp32 elsewhere), "bf16", 
 GPU_LOADER = "auto"  # data set kept on the device, augmented there: "auto" (on CUDA), "on" or "off" (DataLoader)
 CHANNELS_LAST = "auto"  # channels_last memory format for model and images: "auto" (on CUDA), "on" or "off"
 CUDNN_BENCHMARK = True  # cuDNN times its kernels once and keeps the fastest (CUDA only)
-COMPILE = False  # torch.compile the model (slow first steps; checkpoints keep plain state_dict keys)
+COMPILE = "auto"  # "auto" (graph on CUDA with bf16/fp32, else off), "off", "graph" (whole step in one CUDA graph) or a torch.compile mode: "default", "reduce-overhead", "max-autotune"
 NUM_THREADS = 0  # CPU threads of torch; 0: at most one per CPU core this process may use
 
 # --- Several processes (torchrun) ---
@@ -68,10 +68,12 @@ CHOICES = {
     "amp": ("auto", "bf16", "fp16", "fp32"),
     "gpu_loader": ("auto", "on", "off"),
     "channels_last": ("auto", "on", "off"),
+    "compile": ("auto", "off", "graph", "default", "reduce-overhead", "max-autotune"),
 }
+COMPILE_ALIASES = {"true": "default", "on": "default", "false": "off"}  # COMPILE was a true/false switch
 DEVICE_PATTERN = r"auto|cpu|mps|cuda(:\d+)?"  # the values DEVICE accepts
 LAMBDA_WIDTHS = (64, 128, 256, 512)  # widths of the bottlenecks' lambda layers in c2-c5
-NOT_SETTINGS = ("CHOICES", "DEVICE_PATTERN", "LAMBDA_WIDTHS", "NOT_SETTINGS")  # constants that are no flag
+NOT_SETTINGS = ("CHOICES", "COMPILE_ALIASES", "DEVICE_PATTERN", "LAMBDA_WIDTHS", "NOT_SETTINGS")  # constants that are no flag
 
 
 class ConfigError(ValueError):
@@ -136,7 +138,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 
 
 def validate(config: dict) -> None:
-    """Raise ConfigError naming the first invalid setting and what would be valid."""
+    """Raise ConfigError naming the first invalid setting and what would be valid (COMPILE's old
+    true/false values are translated in place)."""
+    config["compile"] = COMPILE_ALIASES.get(str(config["compile"]).lower(), config["compile"])
     for key, allowed in CHOICES.items():
         if config[key] not in allowed:
             raise ConfigError(f"{key.upper()}={config[key]!r} is not one of {', '.join(allowed)}")

@@ -1,5 +1,5 @@
-"""Shared pieces of the test suite: the repository on sys.path, a small synthetic data set, and
-a helper that runs main_general.py as a user would."""
+"""Shared pieces of the test suite: the repository on sys.path, a small synthetic data set, a
+helper that runs main_general.py as a user would, and the `gpu` marker (skipped without CUDA)."""
 from __future__ import annotations
 
 import os
@@ -34,6 +34,22 @@ def refused_settings(argv: list[str], capsys) -> str:
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("main_general.py: error: ")
     return err
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs CUDA (run them alone with `python -m pytest -m gpu`); "
+                                       "skipped where CUDA is absent")
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA: torch.cuda.is_available() is False on this machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from PIL import Image
 
 from conftest import ROOT
@@ -17,7 +19,8 @@ from lambda_layer import POSITIONS
 def test_quick_benchmark_writes_json_markdown_and_png(tmp_path):
     out = tmp_path / "tmp"
     command = [sys.executable, os.path.join(ROOT, "benchmark.py"), "--quick", "--device", "cpu", "--out", str(out),
-               "--iters", "1", "--warmup", "0", "--sizes", "4,8", "--batch-size", "2", "--num-threads", "1"]
+               "--iters", "1", "--warmup", "0", "--sizes", "4,8", "--batch-size", "2", "--num-threads", "1",
+               "--skip-epochs"]  # the epochs table: test_epochs_table_runs_the_training_loop
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="2")
     result = subprocess.run(command, cwd=str(tmp_path), capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr
@@ -78,3 +81,40 @@ def test_bad_arguments_exit_2_with_one_line(tmp_path, capsys):
     assert capsys.readouterr().err.count("\n") == 1
     assert benchmark.main(["--device", "tpu", "--out", str(tmp_path)]) == 2
     assert "--device 'tpu'" in capsys.readouterr().err
+
+
+def test_epochs_table_runs_the_training_loop(monkeypatch):
+    import torch
+
+    import nntrain
+
+    args = benchmark.build_parser().parse_args(["--device", "cpu", "--batch-size", "2", "--epoch-train-size", "8",
+                                                "--epoch-test-size", "4", "--epoch-compile", "off,graph"])
+    benchmark.resolve_args(args)
+    calls = []
+    train = nntrain.train
+    monkeypatch.setattr(nntrain, "train", lambda *a, **k: calls.append(a[5:7]) or train(*a, **k))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        records = benchmark.run_epochs(args, torch.device("cpu"))
+    finally:
+        torch.set_num_threads(threads)
+    assert [(r["model"], r["lambda_position"]) for r in records[:4]] == [("baseline", "-")] + [
+        ("lambda", mode) for mode in POSITIONS]
+    assert [r["compile_setting"] for r in records] == ["off"] * 4 + ["graph"] * 4
+    assert all(r["compile"] == "off" for r in records)  # no CUDA graph on the CPU
+    assert calls == [(0, 4), (1, 0)] * 8  # (epoch, max_batches): the first steps, then a whole epoch
+    for r in records:
+        assert r["first_step_s"] > 0 and r["train_img_per_s"] > 0 and r["test_img_per_s"] > 0
+        assert r["test_images"] == 4 and r["train_images"] == 8
+        assert r["epoch_s"] == pytest.approx(8 / r["train_img_per_s"] + 4 / r["test_img_per_s"], rel=0.5)
+        steady = 50_000 / r["train_img_per_s"] + 10_000 / r["test_img_per_s"]
+        assert r["projected_90_epochs_s"] == pytest.approx(r["first_step_s"] + 90 * steady)
+    table = benchmark.epochs_markdown(records)
+    assert "| baseline | - | off (asked graph) |" in table and table.count("\n| lambda |") == 6
+
+
+def test_epochs_refuse_an_unknown_compile_mode(tmp_path, capsys):
+    assert benchmark.main(["--device", "cpu", "--epoch-compile", "off,turbo", "--out", str(tmp_path)]) == 2
+    assert "--epoch-compile 'turbo' is not one of" in capsys.readouterr().err

@@ -337,7 +337,7 @@ def test_non_finite_loss_is_caught_before_the_optimizer_step():
     assert not all(torch.equal(a, b) for a, b in zip(before, after_first))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
 def test_non_finite_loss_on_the_gpu_names_the_first_bad_step():
     model = torch.nn.Linear(4, 2).cuda()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -350,6 +350,32 @@ def test_non_finite_loss_on_the_gpu_names_the_first_bad_step():
         return loss * float("nan") if len(calls) >= 3 else loss
     with pytest.raises(NonFiniteLossError, match="in epoch 1, step 3 "):
         train(model, loader, criterion, optimizer, torch.device("cuda"), epoch=0)
+
+
+# --- out of memory ---
+
+def test_out_of_memory_is_one_line_naming_the_batch_size_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, capsys):
+    def out_of_memory(loss):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    fire_at_training_step(monkeypatch, STEPS + 1, out_of_memory)  # epoch 2, step 1
+    work = tmp_path / "work"
+    code, err = call_main(flags(work, "--run-name", "run"), capsys)
+    assert code == 2 and err.count("error") == 1 and "Traceback" not in err  # before it: the progress bar
+    assert err.splitlines()[-1] == ("main_general.py: error: out of memory: BATCH_SIZE=8 does not fit on the device; "
+                                    "try --batch-size 4 (the last checkpoint is intact)")
+    state = load(folders(work)[1] / "last.pt")  # epoch 1's checkpoint, whole
+    assert state["epoch"] == 1 and all(torch.isfinite(t).all() for t in state["model"].values())
+    assert "stopped: out of memory: BATCH_SIZE=8" in (folders(work)[0] / "log.txt").read_text()
+
+
+def test_out_of_memory_names_the_cards_memory(monkeypatch):
+    properties = type("Properties", (), {"name": "NVIDIA T1000", "total_memory": 4 * 2 ** 30})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: properties)
+    message = main_general.out_of_memory_message(dict(defaults(), batch_size=512, device="auto"))
+    assert message == ("out of memory: BATCH_SIZE=512 does not fit on the NVIDIA T1000 (4.0 GiB); "
+                       "try --batch-size 256 (the last checkpoint is intact)")
 
 
 # --- bad input ---

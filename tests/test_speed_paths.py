@@ -130,9 +130,23 @@ def test_build_loaders_device_loader_matches_the_torchvision_test_transform(synt
     assert isinstance(off, torch.utils.data.DataLoader)  # auto: the device loader only on CUDA
 
 
+@pytest.mark.parametrize("capability, expected", [((7, 5), "fp16"), ((8, 0), "bf16"), ((9, 0), "bf16")])
+def test_amp_auto_picks_bf16_only_where_the_gpu_has_it(capability, expected, monkeypatch):
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert prep.resolve_amp("auto", cuda) == expected
+    major, minor = capability
+    said = prep.describe_amp("auto", expected, cuda)
+    if expected == "fp16":  # T4, Turing laptop GPUs: fp16 and its gradient scaler
+        assert said == f"amp fp16 with a gradient scaler (auto: compute capability {major}.{minor} has no native bf16)"
+    else:
+        assert said == f"amp bf16 (auto: compute capability {major}.{minor} has native bf16)"
+    assert prep.describe_amp("fp32", "fp32", cuda) == "amp fp32"  # chosen by hand: no reason to give
+
+
 def test_amp_settings():
     assert prep.resolve_amp("auto", CPU) == "fp32"
-    assert prep.resolve_amp("auto", torch.device("cuda")) == "bf16"
+    assert prep.describe_amp("auto", "fp32", CPU) == "amp fp32"
     assert prep.resolve_amp("bf16", CPU) == "bf16"
     with pytest.raises(user_input.ConfigError, match="AMP=fp16 needs CUDA"):
         prep.resolve_amp("fp16", CPU)
@@ -221,7 +235,7 @@ def test_smoke_run_with_every_cpu_speed_path(tmp_path):
     assert result.returncode == 0, result.stderr
     with open(tmp_path / "runs" / "Baseline" / "fast" / "log.txt") as f:
         log = f.read()
-    assert "speed: amp bf16, channels_last True, device loader True, compile False, 1 CPU threads" in log
+    assert "speed: amp bf16, channels_last True, device loader True, compile off, 1 CPU threads" in log
     with open(tmp_path / "runs" / "Baseline" / "fast" / "metrics.jsonl") as f:
         metrics = json.loads(f.readline())
     assert np.isfinite(metrics["train_loss"]) and np.isfinite(metrics["test_loss"])
