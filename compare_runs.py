@@ -2,9 +2,11 @@
 
 Reads each run's metrics.jsonl and config.json and writes OUT/comparison.png (test and train accuracy
 and loss against epoch and against wall-clock time, like the reproduction's Figures 8 and 9) and
-OUT/comparison.md (model, parameters, best and final test accuracy, epoch of best, total time, mean
-training images/s), which it also prints. Without RUN_DIRs: the newest run of each model under
-RUNS_DIR. Runs of different lengths, and runs still in progress, are fine.
+OUT/comparison.md, which it also prints: one row per run (model, parameters, best and final test
+accuracy, epoch of best, total time, mean training images/s); one row per group of runs that differ
+only in their seed (mean +- std of the best and final accuracy); and the difference of the means of
+groups with a Welch t interval. Without RUN_DIRs: the newest run of each model under RUNS_DIR. Runs
+of different lengths, and runs still in progress, are fine.
 """
 from __future__ import annotations
 
@@ -15,10 +17,15 @@ import sys
 
 import model_preparation as prep
 import user_input
+from seed_statistics import CONFIDENCE, mean_std, welch_interval
 from log_data import PALETTE, Panel, Series, line_chart, read_metrics, run_stats
 
 PROG = "compare_runs.py"
 REQUIRED_KEYS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "epoch_time_s", "train_img_per_s")
+# settings that do not change a run's result (only its speed, or where its files go): runs that
+# differ only in these and SEED are one group
+NOT_GROUPED = ("seed", "run_name", "resume", "runs_dir", "checkpoint_dir", "checkpoint_every", "data_dir", "device",
+               "num_workers", "gpu_loader", "channels_last", "cudnn_benchmark", "compile", "num_threads")
 
 
 class Run:
@@ -44,10 +51,19 @@ class Run:
                                          f"of main_general.py?")
         path = os.path.normpath(os.path.abspath(run_dir))
         self.label = f"{os.path.basename(os.path.dirname(path))}/{os.path.basename(path)}"  # Model/run name
+        self._parameters: int | None = None
 
     def parameters(self) -> int:
-        """Parameter count of the network the run's settings describe."""
-        return prep.count_parameters(prep.build_model(self.config))
+        """Parameter count of the network the run's settings describe (counted once)."""
+        if self._parameters is None:
+            self._parameters = prep.count_parameters(prep.build_model(self.config))
+        return self._parameters
+
+    def settings(self) -> dict:
+        """The settings that decide the run's result: all but NOT_GROUPED and the model settings
+        that do not shape its network (a baseline's lambda settings)."""
+        unused = set(prep.MODEL_KEYS) - set(prep.shaping_keys(self.config))
+        return {key: value for key, value in self.config.items() if key not in NOT_GROUPED and key not in unused}
 
     def elapsed_s(self) -> list[float]:
         """Wall-clock seconds (training + evaluation) at the end of each epoch."""
@@ -56,6 +72,57 @@ class Run:
             total += record["epoch_time_s"] + record.get("test_time_s", 0.0)
             times.append(total)
         return times
+
+
+class Group:
+    """Runs whose settings differ only in SEED (and in NOT_GROUPED): one configuration, several seeds."""
+
+    def __init__(self, runs: list[Run]):
+        self.runs, self.label = runs, runs[0].config["model"]
+        self.settings = runs[0].settings()
+        self.done = [run for run in runs if run.records]  # runs with at least one finished epoch
+
+    def accuracies(self, which: str) -> list[float]:
+        """Each finished run's "best" or "final" test top-1 (%)."""
+        if which == "best":
+            return [run_stats(run.records)["best"]["test_acc"] for run in self.done]
+        return [run.records[-1]["test_acc"] for run in self.done]
+
+
+def _comparable(settings: dict) -> str:
+    return json.dumps(settings, sort_keys=True, default=str)  # tuples and lists (ADAM_BETAS) alike
+
+
+def group_runs(runs: list[Run]) -> list[Group]:
+    """Runs grouped by their settings, in order of first appearance; each group labelled by its
+    model and by the settings in which the groups differ."""
+    found: dict[str, list[Run]] = {}
+    for run in runs:
+        found.setdefault(_comparable(run.settings()), []).append(run)
+    groups = [Group(members) for members in found.values()]
+    differing = [key for key in differing_settings(groups) if key != "model"]
+    for group in groups:
+        group.label = " ".join([group.label] + [f"{key}={_show(group.settings[key])}" for key in differing
+                                                if key in group.settings])
+    return groups
+
+
+def _show(value) -> str:
+    return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
+def differing_settings(groups: list[Group]) -> list[str]:
+    """Settings that two of the groups both have, with different values."""
+    keys = dict.fromkeys(key for group in groups for key in group.settings)
+    return [key for key in keys
+            if len({_comparable(group.settings.get(key)) for group in groups if key in group.settings}) > 1]
+
+
+def pairs(groups: list[Group]) -> list[tuple[Group, Group]]:
+    """Groups that differ in exactly one setting (baseline against lambda at equal settings, one
+    depth against another, ...); if no two do, every group against the first."""
+    found = [(a, b) for i, a in enumerate(groups) for b in groups[i + 1:] if len(differing_settings([a, b])) == 1]
+    return found or [(groups[0], group) for group in groups[1:]]
 
 
 def newest_runs(runs_dir: str) -> list[str]:
@@ -121,6 +188,78 @@ def table(runs: list[Run]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def mean_cell(values: list[float]) -> str:
+    """"mean ± std" of the runs' values, or what is missing for it."""
+    if not values:
+        return "-"
+    mean, std = mean_std(values)
+    return f"{mean:.2f} (1 run: no std)" if std is None else f"{mean:.2f} ± {std:.2f}"
+
+
+def group_table(groups: list[Group]) -> str:
+    """One row per group: runs and seeds, mean ± std (n - 1) of best and final test top-1, mean time and speed."""
+    lines = ["| group | runs | seeds | parameters | epochs | best test top-1 | final test top-1 | mean total time "
+             "| mean train img/s |", "|---|---|---|---|---|---|---|---|---|"]
+    for group in groups:
+        runs = f"{len(group.done)}" + (f" (+{len(group.runs) - len(group.done)} without an epoch)"
+                                       if len(group.done) < len(group.runs) else "")
+        seeds = ", ".join(str(run.config["seed"]) for run in group.runs)
+        done = sorted({len(run.records) for run in group.runs})
+        epochs = f"{done[0]}" + (f"-{done[-1]}" if len(done) > 1 else "") + f"/{group.runs[0].config['epochs']}"
+        stats = [run_stats(run.records) for run in group.done]
+        times = [s["train_time_s"] + s["test_time_s"] for s in stats]
+        speed = [s["train_img_per_s"] for s in stats]
+        time_cell = format_time(sum(times) / len(times)) if times else "-"
+        speed_cell = f"{sum(speed) / len(speed):.0f}" if speed else "-"
+        lines.append(f"| {group.label} | {runs} | {seeds} | {group.runs[0].parameters():,} | {epochs} "
+                     f"| {mean_cell(group.accuracies('best'))} | {mean_cell(group.accuracies('final'))} "
+                     f"| {time_cell} | {speed_cell} |")
+    return "\n".join(lines) + "\n"
+
+
+def difference_cell(a: list[float], b: list[float], names: tuple[str, str]) -> str:
+    """mean(b) - mean(a) with its Welch interval, and what it says."""
+    if not a or not b:
+        return "-"
+    difference = welch_interval(a, b)
+    cell = f"{difference.delta:+.2f}"
+    if difference.low is None:
+        return cell + f": too few runs to tell (n = {len(b)} vs {len(a)}; need 2 or more seeds in each group)"
+    cell += f" [{difference.low:+.2f}, {difference.high:+.2f}]"
+    if difference.df is not None:
+        cell += f" (df {difference.df:.1f})"
+    if difference.low > 0 or difference.high < 0:
+        return cell + f": {names[1] if difference.low > 0 else names[0]} higher"
+    return cell + ": no clear difference (the interval contains 0)"
+
+
+def difference_table(groups: list[Group]) -> str:
+    """Pairs of groups: the difference of their mean test top-1 with a Welch t interval."""
+    if len(groups) < 2:
+        return ""
+    level = f"{100 * CONFIDENCE:.0f} %"
+    lines = [f"| comparison | differs in | runs | Δ best test top-1 [{level} interval] "
+             f"| Δ final test top-1 [{level} interval] |", "|---|---|---|---|---|"]
+    for a, b in pairs(groups):
+        names = (a.label, b.label)
+        differs = ", ".join(key.upper() for key in differing_settings([a, b]))
+        cells = [difference_cell(a.accuracies(which), b.accuracies(which), names) for which in ("best", "final")]
+        lines.append(f"| {b.label} − {a.label} | {differs} | {len(b.done)} vs {len(a.done)} | {cells[0]} | {cells[1]} |")
+    lines += ["", f"Δ: mean of the first group named minus the second, in points of test top-1; the {level} "
+              f"interval is Welch's t interval over the runs' seeds (unequal variances, Welch-Satterthwaite df)."]
+    return "\n".join(lines) + "\n"
+
+
+def report(runs: list[Run]) -> str:
+    """The markdown of comparison.md: the runs, their seed groups and the differences of the groups."""
+    groups = group_runs(runs)
+    parts = ["## Runs\n", table(runs), "## Groups: runs that differ only in their seed\n",
+             "mean ± sample standard deviation over the group's runs\n", group_table(groups)]
+    if len(groups) > 1:
+        parts += ["## Differences\n", difference_table(groups)]
+    return "\n".join(parts)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = user_input._OneLineParser(prog=PROG, description=__doc__.split("\n\n")[1].replace("\n", " "))
     parser.add_argument("run_dirs", nargs="*", metavar="RUN_DIR",
@@ -136,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         runs = [Run(run_dir) for run_dir in args.run_dirs or newest_runs(args.runs_dir)]
-        markdown = table(runs)
+        markdown = report(runs)
         png, md = os.path.join(args.out, "comparison.png"), os.path.join(args.out, "comparison.md")
         try:
             os.makedirs(args.out, exist_ok=True)

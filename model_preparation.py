@@ -20,11 +20,13 @@ from label_smoothing import LabelSmoothingLoss
 from lambda_layer import POSITIONS
 from resnet import resnet50
 from resnet_lambda import lambda_resnet50
-from user_input import ConfigError, parse_config, switched_on
+from user_input import ConfigError, defaults, parse_config, switched_on
 
 NUM_CLASSES = 10
-# Settings that define the network's structure: a checkpoint only resumes with the same ones.
-MODEL_KEYS = ("model", "stem", "heads", "qk_size", "lambda_position", "lambda_r", "lambda_u", "lambda_stages")
+# Settings that define the network's structure and its data: a checkpoint only resumes with the same ones.
+MODEL_KEYS = ("model", "depth", "stem", "dataset", "image_size", "heads", "qk_size", "lambda_position", "lambda_r",
+              "lambda_u", "lambda_stages")
+LAMBDA_KEYS = ("heads", "qk_size", "lambda_position", "lambda_r", "lambda_u", "lambda_stages")  # no baseline's
 IMAGE_SIZE = 32  # CIFAR-10 images are 32x32
 
 
@@ -395,17 +397,24 @@ def newest_loadable(run_checkpoints: str) -> dict:
     return checkpoint
 
 
+def shaping_keys(config: dict) -> tuple[str, ...]:
+    """The MODEL_KEYS that shape `config`'s network: lambda settings do not shape a baseline, and
+    LAMBDA_R only shapes the "conv" mode."""
+    if config["model"] == "baseline":
+        return tuple(key for key in MODEL_KEYS if key not in LAMBDA_KEYS)
+    if config["lambda_position"] != "conv":
+        return tuple(key for key in MODEL_KEYS if key != "lambda_r")
+    return MODEL_KEYS
+
+
 def model_differences(saved: dict, config: dict) -> list[str]:
     """The settings shaping `config`'s network that differ in `saved`, as "KEY=saved (now new)".
 
-    Lambda settings do not shape a baseline, and LAMBDA_R only shapes the "conv" mode.
+    A setting that `saved` lacks (a checkpoint older than the setting) counts as its default.
     """
-    keys = MODEL_KEYS
-    if config["model"] == "baseline":
-        keys = ("model", "stem")
-    elif config["lambda_position"] != "conv":
-        keys = tuple(key for key in MODEL_KEYS if key != "lambda_r")
-    return [f"{key.upper()}={saved.get(key)!r} (now {config[key]!r})" for key in keys if saved.get(key) != config[key]]
+    saved = {**defaults(), **saved}
+    return [f"{key.upper()}={saved[key]!r} (now {config[key]!r})" for key in shaping_keys(config)
+            if saved[key] != config[key]]
 
 
 def resolve_resume(config: dict) -> dict | None:
