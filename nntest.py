@@ -62,7 +62,7 @@ def evaluate_confusion(model: nn.Module, loader: DataLoader, criterion: nn.Modul
         confusion.scatter_add_(0, cells, torch.ones_like(cells))
         seen += labels.size(0)
     if prep.distributed():  # a rank with no test batch still joins the sums
-        classes = prep.NUM_CLASSES if confusion is None else classes
+        classes = prep.unwrap(model).fc.out_features if confusion is None else classes
         confusion = torch.zeros(classes * classes, device=device, dtype=torch.long) if confusion is None else confusion
         seen_all = torch.tensor(seen, device=device)
         prep.all_reduce_sum(loss_sum, confusion, seen_all)

@@ -116,7 +116,7 @@ def test_default_is_the_newest_run_of_each_model(tmp_path, capsys):
     os.utime(os.path.join(old, "metrics.jsonl"), (1, 1))  # written long ago
     assert compare_runs.main(["--runs-dir", str(runs), "--out", str(tmp_path / "out")]) == 0
     labels = [line.split(" | ")[0] for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
-    assert labels[1:] == ["| Baseline/new", "| Lambda/only"]  # after the header
+    assert labels[1:4] == ["| Baseline/new", "| Lambda/only", "| group"]  # after the header, before the groups
 
 
 def test_bad_run_directories_are_one_line_with_exit_2(tmp_path, capsys):
