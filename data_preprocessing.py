@@ -12,6 +12,7 @@ and augments whole batches there (GPU_LOADER; the default on CUDA).
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -243,10 +244,15 @@ def superclasses(dataset: Dataset) -> list[tuple[str, list[int]]]:
     """CIFAR-100's 20 superclasses as (name, [class indices]), read from its files; [] for other data."""
     if not isinstance(dataset, datasets.CIFAR100):
         return []
-    folder = os.path.join(dataset.root, dataset.base_folder)
-    with open(os.path.join(folder, dataset.meta["filename"]), "rb") as f:
+    return _superclasses(os.path.join(dataset.root, dataset.base_folder), dataset.meta["filename"],
+                         dataset.test_list[0][0])
+
+
+@functools.lru_cache(maxsize=4)
+def _superclasses(folder: str, meta: str, test: str) -> list[tuple[str, list[int]]]:
+    with open(os.path.join(folder, meta), "rb") as f:
         names = pickle.load(f, encoding="latin1")["coarse_label_names"]
-    with open(os.path.join(folder, dataset.test_list[0][0]), "rb") as f:
+    with open(os.path.join(folder, test), "rb") as f:
         labels = pickle.load(f, encoding="latin1")
     members = [sorted({fine for fine, c in zip(labels["fine_labels"], labels["coarse_labels"]) if c == coarse})
                for coarse in range(len(names))]

@@ -1,4 +1,5 @@
-"""Train a ResNet-50 or a lambda ResNet-50 on CIFAR-10: `python main_general.py [--flags]`.
+"""Train a ResNet or a lambda ResNet (DEPTH 26, 50, 101) on CIFAR-10, CIFAR-100 or your own image
+folders: `python main_general.py [--flags]`.
 
 Settings come from user_input.py, overridden by flags (`--help` lists them). Watch the run with
 `tensorboard --logdir runs`.
@@ -170,7 +171,7 @@ class SilentLogger:
     def config(self, config: dict) -> None: ...
     def samples(self, grid) -> None: ...
     def epoch(self, record: dict, epochs: int) -> None: ...
-    def evaluation(self, epoch: int, confusion, class_names) -> None: ...
+    def evaluation(self, epoch: int, confusion, class_names, groups=()) -> None: ...
     def summary(self) -> str: return ""
     def close(self) -> None: ...
 
@@ -227,7 +228,7 @@ def run(config: dict, stop: StopRequest) -> None:
     stop.resume_from = last
     logger = RunLogger(run_dir, start_epoch) if prep.is_main() else SilentLogger()
     try:
-        logger.text(f"{config['model']} ResNet-50, {prep.count_parameters(model):,} parameters, on {device}; "
+        logger.text(f"{config['model']} ResNet-{config['depth']}, {prep.count_parameters(model):,} parameters, on {device}; "
                     f"{len(train_loader.dataset)} train / {len(test_loader.dataset)} test images ({config['dataset']})")
         logger.text("config: " + ", ".join(f"{k}={v!r}" for k, v in config.items()))
         logger.text(f"speed: amp {amp}, channels_last {speed['channels_last']}, device loader "
@@ -285,7 +286,8 @@ def train_epochs(config, model, data, criterion, optimizer, scheduler, device, s
                       "epoch_time_s": train_time,
                       "train_img_per_s": img_per_s, "test_time_s": test_time,
                       "test_images": int(confusion.sum())}, config["epochs"])
-        logger.evaluation(epoch + 1, confusion, test_loader.dataset.classes)
+        logger.evaluation(epoch + 1, confusion, test_loader.dataset.classes,
+                          data_preprocessing.superclasses(test_loader.dataset))
         if prep.is_main():
             state = checkpoint_state(model, optimizer, scheduler, epoch + 1, best, config, speed["scaler"])
             save_checkpoints(state, checkpoint_dir, improved, config["checkpoint_every"])

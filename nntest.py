@@ -136,7 +136,7 @@ def evaluate_checkpoint(path: str, overrides: dict, out_dir: str) -> dict:
 
 def report(config: dict, checkpoint: dict, confusion: torch.Tensor, class_names, loss: float, accuracy: float):
     images = int(confusion.sum())
-    print(f"{config['model']} ResNet-50 of run {config['run_name']!r}, after epoch {checkpoint.get('epoch', '?')}; "
+    print(f"{config['model']} ResNet-{config['depth']} of run {config['run_name']!r}, after epoch {checkpoint.get('epoch', '?')}; "
           f"{images} test images ({config['dataset']})")
     print(f"top-1 accuracy {accuracy:.2f}%  test loss {loss:.4f}")
     width = max(len(name) for name in class_names)
