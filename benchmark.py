@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+import distributed
 import model_preparation as prep
 from log_data import Panel, Series, line_chart
 from lambda_layer import POSITIONS, LambdaLayer
@@ -191,7 +192,7 @@ def benchmark_model(variant: dict, args, device: torch.device, amp: str) -> dict
     autocast, scaler = prep.autocast(amp, device), prep.build_scaler(amp, device)
     memory_format = torch.channels_last if user_input.switched_on(args.channels_last, device) else torch.contiguous_format
     images = torch.randn(args.batch_size, 3, 32, 32, device=device).contiguous(memory_format=memory_format)
-    labels = torch.randint(0, prep.unwrap(model).fc.out_features, (args.batch_size,), device=device)
+    labels = torch.randint(0, distributed.unwrap(model).fc.out_features, (args.batch_size,), device=device)
 
     def train_step():
         with autocast:
@@ -212,7 +213,7 @@ def benchmark_model(variant: dict, args, device: torch.device, amp: str) -> dict
     model.eval()
     infer = measure(infer_step, device, args.warmup, args.iters, static)
     result = {"model": variant["model"], "position": variant.get("lambda_position", "-"),
-              "params": prep.count_parameters(prep.unwrap(model)), "batch": args.batch_size,
+              "params": prep.count_parameters(distributed.unwrap(model)), "batch": args.batch_size,
               "train_img_s": args.batch_size / train["median_s"], "infer_img_s": args.batch_size / infer["median_s"],
               "train_step_ms": 1000 * train["median_s"], "train_peak_mb": train["peak_mb"],
               "infer_peak_mb": infer["peak_mb"]}

@@ -15,6 +15,7 @@ import json
 import os
 import sys
 
+import checkpoints
 import model_preparation as prep
 import user_input
 from seed_statistics import CONFIDENCE, mean_std, welch_interval
@@ -128,7 +129,7 @@ def pairs(groups: list[Group]) -> list[tuple[Group, Group]]:
 def newest_runs(runs_dir: str) -> list[str]:
     """The most recently written run directory of each model under runs_dir."""
     found = [folder for model in user_input.CHOICES["model"]
-             if (folder := prep.newest_run_folder(runs_dir, model, "metrics.jsonl")) is not None]
+             if (folder := checkpoints.newest_run_folder(runs_dir, model, "metrics.jsonl")) is not None]
     if not found:
         raise user_input.ConfigError(f"no runs found under {runs_dir} (no {runs_dir}/<Model>/<run>/metrics.jsonl); "
                                      f"pass run directories or --runs-dir")

@@ -19,7 +19,9 @@ from datetime import datetime
 import numpy as np
 import torch
 
+import checkpoints
 import data_preprocessing
+import distributed
 import model_preparation as prep
 from log_data import RunLogger
 from nntest import evaluate_confusion
@@ -64,7 +66,7 @@ def _claim(run_dir: str, checkpoint_dir: str) -> bool:
 def claim_run_dirs(config: dict, resuming: bool) -> tuple[str, str]:
     """(run dir, checkpoint dir) of this run. A new run never reuses an existing directory: its
     name is free only if neither folder exists, and mkdir claims it atomically."""
-    folder = prep.model_folder(config)
+    folder = checkpoints.model_folder(config)
     name = config["run_name"] or datetime.now().strftime("%Y%m%d-%H%M%S")
 
     def paths(name: str) -> tuple[str, str]:
@@ -91,25 +93,6 @@ def claim_run_dirs(config: dict, resuming: bool) -> tuple[str, str]:
     return paths(name)
 
 
-def checkpoint_state(model, optimizer, scheduler, next_epoch: int, best: dict, config: dict,
-                     scaler=None) -> dict:
-    return {"model": prep.unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler is not None else {},
-            "epoch": next_epoch, "best_acc": best["acc"], "best_epoch": best["epoch"], "config": config,
-            "rng": prep.rng_states()}
-
-
-def save_checkpoints(state: dict, checkpoint_dir: str, improved: bool, every: int) -> None:
-    """last.pt every epoch, epoch_NNN.pt every `every` epochs, best.pt when the test accuracy improved."""
-    epoch = state["epoch"]
-    copies = []
-    if every and epoch % every == 0:
-        copies.append(os.path.join(checkpoint_dir, f"epoch_{epoch:03d}.pt"))
-    if improved:
-        copies.append(os.path.join(checkpoint_dir, "best.pt"))
-    prep.save_checkpoint(state, os.path.join(checkpoint_dir, "last.pt"), tuple(copies))
-
-
 class StopRequest:
     """Set by the first SIGINT or SIGTERM: training stops before its next step. A second signal
     acts at once (KeyboardInterrupt, or the default SIGTERM)."""
@@ -124,7 +107,7 @@ class StopRequest:
         """The signal that stopped the run, as the messages name it."""
         if self.signal is not None:
             return self.signal.name
-        return "a signal to another rank" if prep.distributed() else "SIGINT"
+        return "a signal to another rank" if distributed.distributed() else "SIGINT"
 
     def handle(self, signum, frame) -> None:
         if os.getpid() != self.owner:  # a forked DataLoader worker
@@ -159,8 +142,8 @@ def resume_command(argv: list[str], checkpoint: str) -> str:
             kept.append(arg)
         skip = arg == "--resume"
     launcher = ["python"]
-    if prep.launched_by_torchrun():
-        launcher = ["torchrun", f"--nproc-per-node={os.environ.get('LOCAL_WORLD_SIZE', prep.world_size())}"]
+    if distributed.launched_by_torchrun():
+        launcher = ["torchrun", f"--nproc-per-node={os.environ.get('LOCAL_WORLD_SIZE', distributed.world_size())}"]
     return shlex.join([*launcher, PROG, *kept, "--resume", checkpoint])
 
 
@@ -185,18 +168,18 @@ def resolve_resume_on_main(config: dict) -> dict | None:
         found["checkpoint"] = prep.resolve_resume(config)
         return found["checkpoint"]["path"] if found["checkpoint"] is not None else ""
 
-    path = prep.from_main(resolve)
-    if prep.is_main():
+    path = distributed.from_main(resolve)
+    if distributed.is_main():
         return found["checkpoint"]
-    return prep.load_checkpoint(path) if path else None
+    return checkpoints.load_checkpoint(path) if path else None
 
 
 def run(config: dict, stop: StopRequest) -> None:
     check_writable(config["runs_dir"], "runs_dir")
     check_writable(config["checkpoint_dir"], "checkpoint_dir")
     device = prep.select_device(config["device"])
-    if prep.launched_by_torchrun():
-        device = prep.init_distributed(device)
+    if distributed.launched_by_torchrun():
+        device = distributed.init_distributed(device)
     checkpoint = resolve_resume_on_main(config)
     if checkpoint is not None:
         config["run_name"] = checkpoint["config"]["run_name"]
@@ -205,8 +188,8 @@ def run(config: dict, stop: StopRequest) -> None:
     seed_everything(config["seed"])
     model = prep.speed_up(prep.build_model(config).to(device), config, device)  # DDP under torchrun
     # rank 0 first: it writes the synthetic set (or downloads CIFAR-10) that the others read
-    train_loader, test_loader, generator = prep.from_main(
-        lambda: data_preprocessing.build_loaders(config, device, prep.rank(), prep.world_size()), everywhere=True)
+    train_loader, test_loader, generator = distributed.from_main(
+        lambda: data_preprocessing.build_loaders(config, device, distributed.rank(), distributed.world_size()), everywhere=True)
     criterion = prep.build_criterion(config)
     optimizer = prep.build_optimizer(model, config)
     scheduler = prep.build_scheduler(optimizer, config)
@@ -218,15 +201,15 @@ def run(config: dict, stop: StopRequest) -> None:
         start_epoch, best = checkpoint["epoch"], {"acc": checkpoint["best_acc"], "epoch": checkpoint["best_epoch"]}
 
     # rank 0 names the run (a timestamp) and creates its folders; the other ranks take that name
-    run_dir, checkpoint_dir = prep.from_main(lambda: claim_run_dirs(config, resuming=checkpoint is not None))
+    run_dir, checkpoint_dir = distributed.from_main(lambda: claim_run_dirs(config, resuming=checkpoint is not None))
     config["run_name"] = os.path.basename(run_dir)
     last = os.path.join(checkpoint_dir, "last.pt")
-    if prep.is_main() and checkpoint is None:  # epoch 0: a run killed in its first epoch can be resumed too
-        prep.save_checkpoint(checkpoint_state(model, optimizer, scheduler, 0, best, config, speed["scaler"]), last)
-    elif prep.is_main():
-        prep.remove_stale_temporaries(checkpoint_dir)
+    if distributed.is_main() and checkpoint is None:  # epoch 0: a run killed in its first epoch can be resumed too
+        checkpoints.save_checkpoint(checkpoints.checkpoint_state(model, optimizer, scheduler, 0, best, config, speed["scaler"]), last)
+    elif distributed.is_main():
+        checkpoints.remove_stale_temporaries(checkpoint_dir)
     stop.resume_from = last
-    logger = RunLogger(run_dir, start_epoch) if prep.is_main() else SilentLogger()
+    logger = RunLogger(run_dir, start_epoch) if distributed.is_main() else SilentLogger()
     try:
         logger.text(f"{config['model']} ResNet-{config['depth']}, {prep.count_parameters(model):,} parameters, on {device}; "
                     f"{len(train_loader.dataset)} train / {len(test_loader.dataset)} test images ({config['dataset']})")
@@ -234,8 +217,8 @@ def run(config: dict, stop: StopRequest) -> None:
         logger.text(f"speed: amp {amp}, channels_last {speed['channels_last']}, device loader "
                     f"{isinstance(train_loader, data_preprocessing.DeviceLoader)}, compile {config['compile']}, "
                     f"{torch.get_num_threads()} CPU threads")
-        if prep.distributed():
-            world = prep.world_size()
+        if distributed.distributed():
+            world = distributed.world_size()
             logger.text(f"torchrun: {world} processes ({torch.distributed.get_backend()}), global batch "
                         f"{config['batch_size']} x {world} = {config['batch_size'] * world} images per step "
                         f"(LR is not scaled with it), SyncBatchNorm {config['sync_bn']}")
@@ -243,7 +226,7 @@ def run(config: dict, stop: StopRequest) -> None:
             logger.text(f"resumed from {checkpoint['path']} at epoch {start_epoch + 1}")
         logger.text(f"run directory {run_dir}, checkpoints {checkpoint_dir}")
         logger.config(config)
-        if prep.is_main():
+        if distributed.is_main():
             logger.samples(data_preprocessing.sample_grid(train_loader.dataset, config["seed"]))
         train_epochs(config, model, (train_loader, test_loader, generator), criterion, optimizer, scheduler,
                      device, start_epoch, best, logger, checkpoint_dir, speed, stop)
@@ -265,14 +248,14 @@ def train_epochs(config, model, data, criterion, optimizer, scheduler, device, s
     if start_epoch >= config["epochs"]:
         logger.text(f"the run already has {start_epoch} epochs; pass a larger --epochs to train on")
     for epoch in range(start_epoch, config["epochs"]):
-        data_preprocessing.seed_epoch(generator, config["seed"], epoch, train_loader, prep.rank())
+        data_preprocessing.seed_epoch(generator, config["seed"], epoch, train_loader, distributed.rank())
         lr = optimizer.param_groups[0]["lr"]
         train_loss, train_acc, train_time, img_per_s = train(model, train_loader, criterion, optimizer, device,
                                                              epoch, config["max_batches"], **speed,
                                                              stop=stop.event)
         test_start = time.perf_counter()
-        prep.sync_buffers(model)  # under torchrun: every rank evaluates rank 0's BatchNorm statistics
-        evaluated = prep.unwrap(model) if prep.distributed() else model
+        distributed.sync_buffers(model)  # under torchrun: every rank evaluates rank 0's BatchNorm statistics
+        evaluated = distributed.unwrap(model) if distributed.distributed() else model
         test_loss, test_acc, confusion = evaluate_confusion(evaluated, test_loader, criterion, device, config["max_batches"],
                                                             autocast=speed["autocast"],
                                                             channels_last=speed["channels_last"])
@@ -288,10 +271,10 @@ def train_epochs(config, model, data, criterion, optimizer, scheduler, device, s
                       "test_images": int(confusion.sum())}, config["epochs"])
         logger.evaluation(epoch + 1, confusion, test_loader.dataset.classes,
                           data_preprocessing.superclasses(test_loader.dataset))
-        if prep.is_main():
-            state = checkpoint_state(model, optimizer, scheduler, epoch + 1, best, config, speed["scaler"])
-            save_checkpoints(state, checkpoint_dir, improved, config["checkpoint_every"])
-        if prep.any_rank(stop.event.is_set())[0] and epoch + 1 < config["epochs"]:
+        if distributed.is_main():
+            state = checkpoints.checkpoint_state(model, optimizer, scheduler, epoch + 1, best, config, speed["scaler"])
+            checkpoints.save_checkpoints(state, checkpoint_dir, improved, config["checkpoint_every"])
+        if distributed.any_rank(stop.event.is_set())[0] and epoch + 1 < config["epochs"]:
             raise TrainingInterrupted(f"epoch {epoch + 2}, before its first step")
 
 
@@ -305,18 +288,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{PROG}: error: {error}", file=sys.stderr)
             return 2
         except NonFiniteLossError as error:  # under torchrun every rank stops at the same step: rank 0 says so
-            if prep.is_main():
+            if distributed.is_main():
                 print(f"{PROG}: error: {error}; the last checkpoint is the last good one", file=sys.stderr)
             return 1
         except (TrainingInterrupted, KeyboardInterrupt) as error:
-            if prep.is_main():
+            if distributed.is_main():
                 where = f"in {error}" if isinstance(error, TrainingInterrupted) else "at once"
                 resume = (f"resume with: {resume_command(argv, stop.resume_from)}" if stop.resume_from
                           else "no checkpoint was written yet; start the run again")
                 print(f"{PROG}: stopped by {stop.name()} {where}; {resume}", file=sys.stderr)
             return 128 + (stop.signal or signal.SIGINT)
         finally:
-            prep.close_distributed()
+            distributed.close_distributed()
     return 0
 
 

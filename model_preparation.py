@@ -1,22 +1,17 @@
-"""Model, loss, optimiser, learning-rate schedule, device and speed settings, and checkpoints."""
+"""Model, loss, optimiser, learning-rate schedule, device and speed settings, and restoring a
+checkpoint into them (checkpoint files: checkpoints.py; torchrun: distributed.py)."""
 from __future__ import annotations
 
 import contextlib
-import glob
 import math
 import os
-import random
-import re
-import shutil
-import sys
 
-import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
-from torch.nn.parallel import DistributedDataParallel
 
+import checkpoints
 import data_preprocessing
+from distributed import distribute, unwrap
 from label_smoothing import LabelSmoothingLoss
 from lambda_layer import POSITIONS
 from resnet import resnet
@@ -27,11 +22,6 @@ from user_input import ConfigError, defaults, parse_config, switched_on
 MODEL_KEYS = ("model", "depth", "stem", "dataset", "image_size", "heads", "qk_size", "lambda_position", "lambda_r",
               "lambda_u", "lambda_stages")
 LAMBDA_KEYS = ("heads", "qk_size", "lambda_position", "lambda_r", "lambda_u", "lambda_stages")  # no baseline's
-
-
-def model_folder(config: dict) -> str:
-    """"Baseline" or "Lambda": the per-model folder under RUNS_DIR and CHECKPOINT_DIR."""
-    return config["model"].capitalize()
 
 
 def select_device(name: str) -> torch.device:
@@ -96,13 +86,6 @@ def speed_up(model: nn.Module, config: dict, device: torch.device) -> nn.Module:
     if config["compile"]:
         model = torch.compile(model)
     return model
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain module under torch.compile and DistributedDataParallel wrappers, whose state_dict
-    keys have neither the "_orig_mod." nor the "module." prefix."""
-    model = getattr(model, "_orig_mod", model)
-    return model.module if isinstance(model, DistributedDataParallel) else model
 
 
 def build_model(config: dict) -> nn.Module:
@@ -174,233 +157,6 @@ def build_criterion(config: dict) -> nn.Module:
     return LabelSmoothingLoss(config["label_smoothing"])
 
 
-# --- several processes: torchrun ---
-# torchrun starts one process per GPU and sets WORLD_SIZE, RANK and LOCAL_RANK; a plain `python`
-# run has none of them and never creates a process group. Every helper below is a no-op then.
-
-_CONTROL_GROUP = None  # gloo group for the per-step stop flags: no CUDA sync to read them
-
-
-def launched_by_torchrun() -> bool:
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
-def distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def rank() -> int:
-    return dist.get_rank() if distributed() else 0
-
-
-def world_size() -> int:
-    return dist.get_world_size() if distributed() else 1
-
-
-def is_main() -> bool:
-    """True on the process that writes the run's files: rank 0, or the only process."""
-    return rank() == 0
-
-
-def init_distributed(device: torch.device) -> torch.device:
-    """Join torchrun's process group (nccl on CUDA, gloo on the CPU); return this rank's device.
-
-    Each process uses the GPU cuda:LOCAL_RANK. Call only when launched_by_torchrun().
-    """
-    global _CONTROL_GROUP
-    if device.type == "mps":
-        raise ConfigError("torchrun runs on CUDA (nccl) or the CPU (gloo), not on MPS; use --device cuda or cpu")
-    if device.type == "cuda":
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        if local_rank >= torch.cuda.device_count():
-            raise ConfigError(f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} CUDA devices are "
-                              f"visible; start at most that many processes per node (--nproc-per-node)")
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    _CONTROL_GROUP = dist.new_group(backend="gloo") if device.type == "cuda" else dist.group.WORLD
-    return device
-
-
-def close_distributed() -> None:
-    global _CONTROL_GROUP
-    if distributed():
-        dist.destroy_process_group()
-    _CONTROL_GROUP = None
-
-
-def distribute(model: nn.Module, config: dict, device: torch.device) -> nn.Module:
-    """DistributedDataParallel (with SyncBatchNorm if SYNC_BN) under torchrun; `model` otherwise."""
-    if not distributed():
-        return model  # SYNC_BN has nothing to synchronise on one process
-    if config["sync_bn"] and device.type != "cuda":
-        raise ConfigError("SYNC_BN needs CUDA (SyncBatchNorm has no CPU kernel); drop --sync-bn on the CPU")
-    if config["sync_bn"]:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-
-def all_reduce_sum(*tensors: torch.Tensor) -> None:
-    """Sum each tensor over the ranks, in place (tensors on this rank's device)."""
-    if distributed():
-        for tensor in tensors:
-            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-
-
-def all_reduce_min(tensor: torch.Tensor) -> None:
-    """The smallest value of `tensor` over the ranks, in place."""
-    if distributed():
-        dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
-
-
-def any_rank(*flags: bool) -> list[bool]:
-    """For each flag, whether it is True on any rank (a gloo all-reduce on the CPU: no device sync)."""
-    if not distributed():
-        return list(flags)
-    counts = torch.tensor([int(flag) for flag in flags])
-    dist.all_reduce(counts, group=_CONTROL_GROUP)
-    return [bool(count) for count in counts.tolist()]
-
-
-def sync_buffers(model: nn.Module) -> None:
-    """Copy rank 0's BatchNorm running statistics to every rank, so all ranks evaluate one model
-    (DDP broadcasts them before each forward, so they drift apart in the last training step)."""
-    if distributed():
-        for buffer in unwrap(model).buffers():
-            dist.broadcast(buffer, 0)
-
-
-def from_main(work, *, everywhere: bool = False):
-    """Run `work()` on rank 0 and return its result on every rank; a ConfigError it raises is raised
-    on every rank, so that no rank waits for one that gave up. everywhere=True: the other ranks
-    then run `work()` themselves (after rank 0, e.g. once rank 0 has written the files they read)."""
-    if not distributed():
-        return work()
-    message, result = [None, None], None  # [error, result to share]
-    if is_main():
-        try:
-            result = work()
-        except ConfigError as error:
-            message[0] = str(error)
-        message[1] = None if everywhere else result
-    dist.broadcast_object_list(message, src=0)
-    if message[0] is not None:
-        raise ConfigError(message[0])
-    if is_main():
-        return result
-    return work() if everywhere else message[1]
-
-
-# --- checkpoints ---
-
-def rng_states() -> dict:
-    states = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
-def set_rng_states(states: dict) -> None:
-    torch.set_rng_state(states["torch"])
-    np.random.set_state(states["numpy"])
-    random.setstate(states["python"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
-
-
-CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "epoch", "best_acc", "best_epoch", "config", "rng")
-
-
-def temporary_path(path: str) -> str:
-    """Where `path` is written before it is renamed into place; stale ones are removed on resume."""
-    return f"{path}.tmp-{os.getpid()}"
-
-
-def save_checkpoint(state: dict, path: str, copies: tuple[str, ...] = ()) -> None:
-    """Write `state` to `path` and to every path in `copies`, each complete or not at all.
-
-    Each file is written to a temporary file in the same folder, flushed to disk and renamed into
-    place. `path` is renamed last, so a crash never leaves it ahead of its copies (best.pt, epoch_NNN.pt).
-    """
-    temporary = temporary_path(path)
-    with open(temporary, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    for copy in copies:
-        shutil.copyfile(temporary, temporary_path(copy))
-        os.replace(temporary_path(copy), copy)
-    os.replace(temporary, path)
-
-
-def remove_stale_temporaries(checkpoint_dir: str) -> None:
-    """Delete half-written checkpoints left by a run that was killed while saving."""
-    for path in glob.glob(os.path.join(checkpoint_dir, "*.pt.tmp-*")):
-        os.remove(path)
-
-
-def load_checkpoint(path: str) -> dict:
-    """The checkpoint at `path`, with its "path" added; ConfigError naming the file if it is
-    missing, unreadable or foreign."""
-    if not os.path.isfile(path):
-        raise ConfigError(f"checkpoint {path} does not exist")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:
-        raise ConfigError(f"checkpoint {path} cannot be read ({type(error).__name__}); it may be "
-                          f"truncated or corrupt: use another checkpoint of the run") from None
-    if not isinstance(checkpoint, dict) or not set(CHECKPOINT_KEYS) <= set(checkpoint):
-        raise ConfigError(f"{path} is not a checkpoint of main_general.py (it lacks "
-                          f"{', '.join(CHECKPOINT_KEYS)}); use a last.pt, best.pt or epoch_NNN.pt")
-    return dict(checkpoint, path=path)
-
-
-def newest_run_folder(root: str, model: str, filename: str) -> str | None:
-    """The run folder under root/<Model>/ whose `filename` was written last, or None."""
-    candidates = glob.glob(os.path.join(root, model_folder({"model": model}), "*", filename))
-    return os.path.dirname(max(candidates, key=os.path.getmtime)) if candidates else None
-
-
-def latest_run(config: dict) -> str:
-    """Checkpoint folder of the most recently saved run of MODEL under CHECKPOINT_DIR."""
-    folder = newest_run_folder(config["checkpoint_dir"], config["model"], "last.pt")
-    if folder is None:
-        pattern = os.path.join(config["checkpoint_dir"], model_folder(config), "*", "last.pt")
-        raise ConfigError(f"--resume latest found no checkpoint matching {pattern}; "
-                          f"start a run without --resume first")
-    return folder
-
-
-def newest_loadable(run_checkpoints: str) -> dict:
-    """last.pt of a run or, when that cannot be loaded, the loadable best.pt or epoch_NNN.pt with
-    the highest epoch, with a warning on stderr naming what was skipped."""
-    last = os.path.join(run_checkpoints, "last.pt")
-    try:
-        return load_checkpoint(last)
-    except ConfigError as error:
-        skipped = [str(error)]
-    found = []
-    best = os.path.join(run_checkpoints, "best.pt")
-    numbered = sorted((path for path in glob.glob(os.path.join(run_checkpoints, "epoch_*.pt"))
-                       if re.fullmatch(r"epoch_\d+\.pt", os.path.basename(path))),
-                      key=lambda path: int(os.path.basename(path)[6:-3]), reverse=True)
-    for group in ([best], numbered):  # best.pt, and the highest-numbered epoch_NNN.pt that loads
-        for path in group:
-            try:
-                found.append(load_checkpoint(path))
-                break
-            except ConfigError as error:
-                if os.path.exists(path):
-                    skipped.append(str(error))
-    if not found:
-        raise ConfigError(f"--resume latest found no loadable checkpoint in {run_checkpoints} "
-                          f"({'; '.join(skipped)})")
-    checkpoint = max(found, key=lambda c: c["epoch"])
-    print(f"warning: {'; '.join(skipped)}; resuming from {checkpoint['path']} (epoch {checkpoint['epoch']}) "
-          f"instead", file=sys.stderr)
-    return checkpoint
-
-
 def shaping_keys(config: dict) -> tuple[str, ...]:
     """The MODEL_KEYS that shape `config`'s network: lambda settings do not shape a baseline, and
     LAMBDA_R only shapes the "conv" mode."""
@@ -430,9 +186,9 @@ def resolve_resume(config: dict) -> dict | None:
     if not config["resume"]:
         return None
     if config["resume"] == "latest":
-        checkpoint = newest_loadable(latest_run(config))
+        checkpoint = checkpoints.newest_loadable(checkpoints.latest_run(config))
     else:
-        checkpoint = load_checkpoint(config["resume"])
+        checkpoint = checkpoints.load_checkpoint(config["resume"])
     path, different = checkpoint["path"], model_differences(checkpoint["config"], config)
     if different:
         raise ConfigError(f"checkpoint {path} was trained with {', '.join(different)}; "
@@ -446,7 +202,7 @@ def restore(checkpoint: dict, model: nn.Module, optimizer, scheduler, scaler=Non
     scheduler.load_state_dict(checkpoint["scheduler"])
     if scaler is not None and checkpoint.get("scaler"):  # empty when the run was not fp16
         scaler.load_state_dict(checkpoint["scaler"])
-    set_rng_states(checkpoint["rng"])
+    checkpoints.set_rng_states(checkpoint["rng"])
 
 
 if __name__ == "__main__":

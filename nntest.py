@@ -16,7 +16,9 @@ import torch.nn as nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+import checkpoints
 import data_preprocessing
+import distributed
 import model_preparation as prep
 import user_input
 from log_data import confusion_image, per_class_accuracy
@@ -47,7 +49,7 @@ def evaluate_confusion(model: nn.Module, loader: DataLoader, criterion: nn.Modul
     confusion = None
     seen = 0
     for step, (images, labels) in enumerate(tqdm(loader, total=total, desc="test", leave=False,
-                                                 dynamic_ncols=True, disable=not prep.is_main())):
+                                                 dynamic_ncols=True, disable=not distributed.is_main())):
         if step == total:
             break
         images = images.to(device, non_blocking=True, memory_format=memory_format)
@@ -61,11 +63,11 @@ def evaluate_confusion(model: nn.Module, loader: DataLoader, criterion: nn.Modul
         cells = labels * classes + logits.argmax(dim=1)  # b: index of (true, predicted) in the flat matrix
         confusion.scatter_add_(0, cells, torch.ones_like(cells))
         seen += labels.size(0)
-    if prep.distributed():  # a rank with no test batch still joins the sums
-        classes = prep.unwrap(model).fc.out_features if confusion is None else classes
+    if distributed.distributed():  # a rank with no test batch still joins the sums
+        classes = distributed.unwrap(model).fc.out_features if confusion is None else classes
         confusion = torch.zeros(classes * classes, device=device, dtype=torch.long) if confusion is None else confusion
         seen_all = torch.tensor(seen, device=device)
-        prep.all_reduce_sum(loss_sum, confusion, seen_all)
+        distributed.all_reduce_sum(loss_sum, confusion, seen_all)
         seen = int(seen_all.item())
     if confusion is None:
         return 0.0, 0.0, torch.zeros(0, 0, dtype=torch.long)
@@ -101,7 +103,7 @@ def checkpoint_config(checkpoint: dict, overrides: dict) -> dict:
 
 def evaluate_checkpoint(path: str, overrides: dict, out_dir: str) -> dict:
     """Evaluate the checkpoint at `path`; print the results and save the confusion PNG in `out_dir`."""
-    checkpoint = prep.load_checkpoint(path)
+    checkpoint = checkpoints.load_checkpoint(path)
     config = checkpoint_config(checkpoint, overrides)
     device = prep.select_device(config["device"])
     model = prep.build_model(config)

@@ -11,7 +11,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-import model_preparation as prep
+import distributed
 
 
 class NonFiniteLossError(RuntimeError):
@@ -33,11 +33,11 @@ def synchronize(device: torch.device) -> None:
 def earliest_bad_step(first_bad_step: torch.Tensor) -> torch.Tensor:
     """Over the ranks, the earliest step with a non-finite loss (0: none on any rank). The ranks
     take their steps together, so every rank then reports the same step."""
-    if not prep.distributed():
+    if not distributed.distributed():
         return first_bad_step
     never = torch.iinfo(first_bad_step.dtype).max
     step = torch.where(first_bad_step == 0, never, first_bad_step)  # 0 means "none", not "earliest"
-    prep.all_reduce_min(step)
+    distributed.all_reduce_min(step)
     return torch.where(step == never, 0, step)
 
 
@@ -77,9 +77,9 @@ def train(model: nn.Module, loader: DataLoader, criterion: nn.Module, optimizer:
     seen, shown_at = 0, 0.0
     synchronize(device)
     start = time.perf_counter()
-    several = prep.distributed()
+    several = distributed.distributed()
     bar = tqdm(loader, total=total, desc=f"epoch {epoch + 1} train", leave=False, dynamic_ncols=True,
-               disable=not prep.is_main())
+               disable=not distributed.is_main())
     for step, (images, labels) in enumerate(bar):
         if step == total:
             break
@@ -92,7 +92,7 @@ def train(model: nn.Module, loader: DataLoader, criterion: nn.Module, optimizer:
             loss = criterion(logits, labels)
         if several:  # before the backward pass, whose gradient all-reduce every rank must join
             read_now = time.perf_counter() - shown_at > 0.5
-            stopping, bad, read_now = prep.any_rank(stop is not None and stop.is_set(),
+            stopping, bad, read_now = distributed.any_rank(stop is not None and stop.is_set(),
                                                     device.type == "cpu" and not math.isfinite(loss.item()),
                                                     read_now)
             if stopping:
@@ -130,7 +130,7 @@ def train(model: nn.Module, loader: DataLoader, criterion: nn.Module, optimizer:
     elapsed = time.perf_counter() - start
     if several:  # sums over the ranks; the first bad step of any rank
         seen_all = torch.tensor(seen, device=device)
-        prep.all_reduce_sum(loss_sum, correct, seen_all)
+        distributed.all_reduce_sum(loss_sum, correct, seen_all)
         first_bad_step = earliest_bad_step(first_bad_step)
         seen = int(seen_all.item())
     check_finite(first_bad_step, epoch)

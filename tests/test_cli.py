@@ -82,15 +82,16 @@ def test_subprocess_help_lists_settings(tmp_path):
     assert "--max-batches" in result.stdout and "--resume" in result.stdout
 
 
-def test_readme_documents_every_setting_and_the_test_command():
+def test_docs_document_every_setting_and_the_readme_the_test_command():
     import os
     from conftest import ROOT
 
-    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
-        readme = f.read()
+    def read(*path: str) -> str:
+        with open(os.path.join(ROOT, *path), encoding="utf-8") as f:
+            return f.read()
+
+    settings, readme, ci = read("docs", "settings.md"), read("README.md"), read(".ci", "run")
     for key in user_input.defaults():
-        assert f"| `{key.upper()}` | `--{key.replace('_', '-')}` |" in readme, f"README lacks a row for {key.upper()}"
-    with open(os.path.join(ROOT, ".ci", "run"), encoding="utf-8") as f:
-        ci = f.read()
+        assert f"| `{key.upper()}` | `--{key.replace('_', '-')}` |" in settings, f"docs/settings.md lacks {key.upper()}"
     for command in ("pip install -r requirements.txt pytest", "python -m pytest -q"):
         assert command in readme and command in ci

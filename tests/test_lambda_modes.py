@@ -8,6 +8,7 @@ from unittest.mock import patch
 import pytest
 import torch
 
+import checkpoints
 import model_preparation as prep
 import user_input
 from conftest import SMOKE_FLAGS, refused_settings, run_main
@@ -298,7 +299,7 @@ def test_lambda_settings_accepted_and_built():
 def test_resume_with_other_lambda_structure_is_refused(tmp_path, flag, value):
     saved = user_input.parse_config(["--lambda-position", "conv"])
     path = tmp_path / "last.pt"
-    torch.save({**dict.fromkeys(prep.CHECKPOINT_KEYS), "config": saved}, path)  # only the config is read
+    torch.save({**dict.fromkeys(checkpoints.CHECKPOINT_KEYS), "config": saved}, path)  # only the config is read
     config = user_input.parse_config(["--lambda-position", "conv", flag, value, "--resume", str(path)])
     key = flag[2:].replace("-", "_")
     with pytest.raises(user_input.ConfigError, match=f"{key.upper()}={saved[key]!r}"):

@@ -10,6 +10,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+import checkpoints
 import main_general
 import model_preparation as prep
 import nntest
@@ -84,7 +85,7 @@ def test_cifar100_run_logs_20_superclasses(tmp_path, monkeypatch, capsys, cifar1
 def test_resume_refuses_another_depth_or_data_set(tmp_path, flag, value, message):
     saved = user_input.parse_config(["--model", "baseline", "--dataset", "synthetic"])
     path = tmp_path / "last.pt"
-    torch.save({**dict.fromkeys(prep.CHECKPOINT_KEYS), "config": saved}, path)  # only the config is read
+    torch.save({**dict.fromkeys(checkpoints.CHECKPOINT_KEYS), "config": saved}, path)  # only the config is read
     config = user_input.parse_config(["--model", "baseline", "--dataset", "synthetic", flag, value, "--resume", str(path)])
     with pytest.raises(user_input.ConfigError, match=re.escape(message)):
         prep.resolve_resume(config)

@@ -15,6 +15,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams import plugin_data_pb2
 from torch.utils.data import DataLoader, TensorDataset
 
+import checkpoints
 import data_preprocessing
 import model_preparation as prep
 import nntest
@@ -97,8 +98,8 @@ def checkpoint(tmp_path_factory):
     torch.manual_seed(0)
     model = prep.build_model(config)
     path = folder / "best.pt"
-    state = {**dict.fromkeys(prep.CHECKPOINT_KEYS), "model": model.state_dict(), "config": config, "epoch": 7}
-    prep.save_checkpoint(state, str(path))
+    state = {**dict.fromkeys(checkpoints.CHECKPOINT_KEYS), "model": model.state_dict(), "config": config, "epoch": 7}
+    checkpoints.save_checkpoint(state, str(path))
     return path, config, model
 
 

@@ -14,8 +14,9 @@ from PIL import Image
 from torchvision import transforms
 from torchvision.transforms import functional as TF
 
+import checkpoints
 import data_preprocessing
-import main_general
+import distributed
 import model_preparation as prep
 import nntrain
 import user_input
@@ -179,24 +180,24 @@ def test_channels_last_only_where_asked():
 def checkpoint_of(model: nn.Module, scaler) -> dict:
     optimizer = torch.optim.Adam(model.parameters())
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
-    return main_general.checkpoint_state(model, optimizer, scheduler, 1, {"acc": 0.0, "epoch": 0}, {}, scaler)
+    return checkpoints.checkpoint_state(model, optimizer, scheduler, 1, {"acc": 0.0, "epoch": 0}, {}, scaler)
 
 
 def test_compiled_model_checkpoints_plain_keys():
     plain = tiny_model()
     compiled = torch.compile(plain)  # lazy: nothing is compiled until the first forward
     assert all(key.startswith("_orig_mod.") for key in compiled.state_dict())
-    assert prep.unwrap(compiled) is plain and prep.unwrap(plain) is plain
+    assert distributed.unwrap(compiled) is plain and distributed.unwrap(plain) is plain
     state = checkpoint_of(compiled, None)
     assert list(state["model"]) == list(plain.state_dict())
     fresh = torch.compile(tiny_model())
     with torch.no_grad():
-        prep.unwrap(fresh)[0].weight.zero_()
+        distributed.unwrap(fresh)[0].weight.zero_()
     optimizer = torch.optim.Adam(fresh.parameters())
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
-    state["rng"] = prep.rng_states()
+    state["rng"] = checkpoints.rng_states()
     prep.restore(state, fresh, optimizer, scheduler)
-    assert torch.equal(prep.unwrap(fresh)[0].weight, plain[0].weight)
+    assert torch.equal(distributed.unwrap(fresh)[0].weight, plain[0].weight)
 
 
 def test_scaler_state_is_checkpointed_and_restored():
