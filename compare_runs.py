@@ -52,12 +52,16 @@ class Run:
                                          f"of main_general.py?")
         path = os.path.normpath(os.path.abspath(run_dir))
         self.label = f"{os.path.basename(os.path.dirname(path))}/{os.path.basename(path)}"  # Model/run name
-        self._parameters: int | None = None
+        self._parameters: str | None = None
 
-    def parameters(self) -> int:
-        """Parameter count of the network the run's settings describe (counted once)."""
+    def parameters(self) -> str:
+        """Parameter count of the network the run's settings describe (counted once), "?" when its
+        class count cannot be known (DATASET=folder, with the folder gone)."""
         if self._parameters is None:
-            self._parameters = prep.count_parameters(prep.build_model(self.config))
+            try:
+                self._parameters = f"{prep.count_parameters(prep.build_model(self.config)):,}"
+            except user_input.ConfigError:
+                self._parameters = "?"
         return self._parameters
 
     def settings(self) -> dict:
@@ -177,7 +181,7 @@ def table(runs: list[Run]) -> str:
              "|---|---|---|---|---|---|---|---|---|"]
     for run in runs:
         epochs = f"{len(run.records)}/{run.config['epochs']}"  # done / planned
-        row = f"| {run.label} | {run.config['model']} | {run.parameters():,} | {epochs} "
+        row = f"| {run.label} | {run.config['model']} | {run.parameters()} | {epochs} "
         if not run.records:  # started, no epoch finished yet
             lines.append(row + "| - | - | - | - | - |")
             continue
@@ -212,7 +216,7 @@ def group_table(groups: list[Group]) -> str:
         speed = [s["train_img_per_s"] for s in stats]
         time_cell = format_time(sum(times) / len(times)) if times else "-"
         speed_cell = f"{sum(speed) / len(speed):.0f}" if speed else "-"
-        lines.append(f"| {group.label} | {runs} | {seeds} | {group.runs[0].parameters():,} | {epochs} "
+        lines.append(f"| {group.label} | {runs} | {seeds} | {group.runs[0].parameters()} | {epochs} "
                      f"| {mean_cell(group.accuracies('best'))} | {mean_cell(group.accuracies('final'))} "
                      f"| {time_cell} | {speed_cell} |")
     return "\n".join(lines) + "\n"

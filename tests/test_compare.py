@@ -191,3 +191,10 @@ def test_compare_and_nntest_read_the_smoke_run(smoke_run, capsys, monkeypatch):
     logged = read_metrics(str(smoke_run / "runs" / "Baseline" / "smoke" / "metrics.jsonl"))[0]["test_acc"]
     assert nntest.main(["--checkpoint", os.path.join("checkpoints", "Baseline", "smoke", "best.pt")]) == 0
     assert f"top-1 accuracy {logged:.2f}%" in capsys.readouterr().out  # same weights, same 2 test batches
+
+
+def test_a_folder_run_whose_images_are_gone_still_compares(tmp_path, capsys):
+    gone = write_run(tmp_path / "runs" / "Lambda" / "f", "lambda", [record(1, 40, 10, 2, 100)], dataset="folder",
+                     data_dir=str(tmp_path / "moved"), image_size=64, lambda_position="relative")
+    assert compare_runs.main([gone, "--out", str(tmp_path / "out")]) == 0
+    assert "| Lambda/f | lambda | ? | 1/5 | 40.00 |" in capsys.readouterr().out  # classes unknown: count unknown
