@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import sys
+from typing import NamedTuple
 
 import checkpoints
 import model_preparation as prep
@@ -92,6 +93,31 @@ class Group:
         if which == "best":
             return [run_stats(run.records)["best"]["test_acc"] for run in self.done]
         return [run.records[-1]["test_acc"] for run in self.done]
+
+
+class Curve(NamedTuple):
+    """One metric of a group per epoch, over the runs that reached the epoch."""
+    epochs: list[int]
+    elapsed_s: list[float]  # mean wall-clock seconds at the end of the epoch
+    mean: list[float]
+    low: list[float]   # band: min over the runs, or mean - std
+    high: list[float]  # band: max over the runs, or mean + std (mean alone for a single run)
+
+
+def curve(group: Group, key: str, band: str = "minmax") -> Curve:
+    """Mean of metrics key `key` per epoch over the group's runs, with a band: "minmax" or "std"."""
+    by_epoch: dict[int, list[tuple[float, float]]] = {}
+    for run in group.done:
+        for record, elapsed in zip(run.records, run.elapsed_s()):
+            by_epoch.setdefault(record["epoch"], []).append((record[key], elapsed))
+    found = Curve([], [], [], [], [])
+    for epoch in sorted(by_epoch):
+        values = [value for value, _ in by_epoch[epoch]]
+        mean, std = mean_std(values)
+        low, high = (min(values), max(values)) if band == "minmax" else (mean - (std or 0.0), mean + (std or 0.0))
+        for column, value in zip(found, (epoch, sum(e for _, e in by_epoch[epoch]) / len(values), mean, low, high)):
+            column.append(value)
+    return found
 
 
 def _comparable(settings: dict) -> str:

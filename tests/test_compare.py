@@ -198,3 +198,13 @@ def test_a_folder_run_whose_images_are_gone_still_compares(tmp_path, capsys):
                      data_dir=str(tmp_path / "moved"), image_size=64, lambda_position="relative")
     assert compare_runs.main([gone, "--out", str(tmp_path / "out")]) == 0
     assert "| Lambda/f | lambda | ? | 1/5 | 40.00 |" in capsys.readouterr().out  # classes unknown: count unknown
+
+
+def test_group_curve_is_the_mean_per_epoch_with_a_min_max_or_std_band(tmp_path):
+    runs = [compare_runs.Run(path) for path in seeded_runs(tmp_path / "runs", "lambda", [70.0, 74.0, 78.0])]
+    runs[2].records.append(record(3, 90.0, 10, 2, 300))  # one run is an epoch further
+    (group,) = compare_runs.group_runs(runs)
+    minmax, std = compare_runs.curve(group, "test_acc"), compare_runs.curve(group, "test_acc", band="std")
+    assert minmax.epochs == [1, 2, 3] and minmax.elapsed_s == [12.0, 34.0, 46.0]
+    assert minmax.mean == [10.0, 74.0, 90.0] and minmax.low == [10.0, 70.0, 90.0] and minmax.high == [10.0, 78.0, 90.0]
+    assert std.low == pytest.approx([10.0, 70.0, 90.0]) and std.high == pytest.approx([10.0, 78.0, 90.0])  # std 4
