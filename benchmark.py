@@ -13,14 +13,13 @@ Two parts, both after warm-up steps, reporting medians over timed steps:
 Peak memory: on CUDA torch.cuda.max_memory_allocated; elsewhere the bytes of live tensor storages,
 counted by a dispatch mode that sees every tensor the step creates (plus parameters, optimizer state
 and inputs that exist before it). Writes DIR/benchmark.json, DIR/benchmark.md and DIR/benchmark.png
-(time and memory against map size, drawn with Pillow) and prints the tables.
+(time and memory against map size, log scales, drawn with matplotlib) and prints the tables.
 """
 from __future__ import annotations
 
 import argparse
 import gc
 import json
-import math
 import os
 import platform
 import re
@@ -37,7 +36,7 @@ from torch.utils._pytree import tree_flatten
 
 import distributed
 import model_preparation as prep
-from log_data import Panel, Series, line_chart
+from figures import Panel, Series, line_chart
 from lambda_layer import POSITIONS, LambdaLayer
 import user_input
 from nntrain import synchronize
@@ -408,18 +407,17 @@ def markdown(report: dict) -> str:
 
 
 def plot(report: dict, path: str) -> None:
-    """Two panels, time and peak memory against map size, log scales (log_data.line_chart plots the
-    logarithms), one line per layer; OOMs left out."""
+    """Two panels, time and peak memory against map size, log scales, one line per layer; OOMs left out."""
     settings = report["settings"]
     names = list(dict.fromkeys(r["layer"] for r in report["layers"]))
     panels = []
-    for key, title, unit in (("time_ms", "time per forward + backward", "log10 of ms"),
-                             ("peak_mb", "peak memory", "log10 of MB")):
+    for key, title, unit in (("time_ms", "time per forward + backward", "time (ms)"),
+                             ("peak_mb", "peak memory", "peak memory (MB)")):
         series = []
         for name in names:
             rows = [r for r in report["layers"] if r["layer"] == name and r["status"] == "ok" and r[key] > 0]
-            series.append(Series(name, [math.log2(r["size"]) for r in rows], [math.log10(r[key]) for r in rows]))
-        panels.append(Panel(title, "log2 of the map side (3: 8x8, 6: 64x64)", unit, series))
+            series.append(Series(name, [r["size"] for r in rows], [r[key] for r in rows]))
+        panels.append(Panel(title, "map side n (an n x n feature map)", unit, series, x_log=2, y_log=10))
     line_chart(panels, path, title=f"batch {settings['layer_batch']}, d {settings['width']}, "
                                    f"h {settings['heads']}; {report['machine']['device_name']}")
 

@@ -19,8 +19,9 @@ from typing import NamedTuple
 import checkpoints
 import model_preparation as prep
 import user_input
+from figures import PALETTE, Panel, Series, line_chart
+from log_data import read_metrics, run_stats
 from seed_statistics import CONFIDENCE, mean_std, welch_interval
-from log_data import PALETTE, Panel, Series, line_chart, read_metrics, run_stats
 
 PROG = "compare_runs.py"
 REQUIRED_KEYS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "epoch_time_s", "train_img_per_s")

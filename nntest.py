@@ -21,7 +21,8 @@ import data_preprocessing
 import distributed
 import model_preparation as prep
 import user_input
-from log_data import confusion_image, per_class_accuracy
+from figures import confusion_figure, save
+from log_data import per_class_accuracy
 
 PROG = "nntest.py"
 # settings the command line may override; the model settings always come from the checkpoint
@@ -127,7 +128,7 @@ def evaluate_checkpoint(path: str, overrides: dict, out_dir: str) -> dict:
     png = os.path.join(out_dir, f"{name}_confusion.png")
     title = f"{config['model']} {config['run_name']}, {name}: top-1 {accuracy:.2f}%"
     try:
-        confusion_image(confusion, test_set.classes, title).save(png)
+        save(confusion_figure(confusion, test_set.classes, title), png)
     except OSError as error:
         raise user_input.ConfigError(f"cannot write {png} ({error.strerror}); choose another --out") from None
     report(config, checkpoint, confusion, test_set.classes, loss, accuracy)

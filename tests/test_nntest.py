@@ -21,7 +21,8 @@ import model_preparation as prep
 import nntest
 import user_input
 from conftest import ROOT
-from log_data import RunLogger, _shade, confusion_image, per_class_accuracy
+from figures import ANNOTATED_CLASSES, confusion_figure, save
+from log_data import RunLogger, per_class_accuracy
 
 
 def test_confusion_matches_a_loop_reference():
@@ -48,15 +49,32 @@ def test_per_class_accuracy_is_the_share_of_each_row_on_the_diagonal():
     assert math.isnan(accuracies[2])  # no image of that class
 
 
-def test_confusion_image_shades_cells_by_their_share_of_the_row():
+def test_confusion_figure_shades_cells_by_their_share_of_the_row_and_shows_counts(tmp_path):
     names = ["cat", "dog", "ship"]
-    def full_blue_pixels(confusion) -> int:
-        pixels = np.asarray(confusion_image(torch.tensor(confusion), names))
-        return int((pixels == np.array(_shade(1.0))).all(axis=-1).sum())
-    one = full_blue_pixels([[5, 0, 0], [1, 1, 0], [0, 0, 0]])  # one row entirely in one cell
-    three = full_blue_pixels([[5, 0, 0], [0, 3, 0], [0, 0, 7]])
-    assert one > 0 and 2.5 < three / one < 3.5
-    assert _shade(0.0) == (255, 255, 255) and sum(_shade(0.5)) > sum(_shade(0.9))
+    figure = confusion_figure(torch.tensor([[5, 0, 0], [1, 1, 0], [0, 0, 0]]), names, "a title")
+    axes = figure.axes[0]
+    shares = np.asarray(axes.images[0].get_array())
+    assert shares.tolist() == [[1.0, 0.0, 0.0], [0.5, 0.5, 0.0], [0.0, 0.0, 0.0]]
+    assert [text.get_text() for text in axes.texts] == ["5", "1", "1"]  # empty cells stay blank
+    assert [label.get_text() for label in axes.get_xticklabels()] == names
+    assert [label.get_text() for label in axes.get_yticklabels()] == ["cat (100.0)", "dog (50.0)", "ship (-)"]
+    assert axes.get_title() == "a title" and "predicted" in axes.get_xlabel()
+    save(figure, str(tmp_path / "confusion.png"))
+    with Image.open(tmp_path / "confusion.png") as image:
+        assert image.format == "PNG" and 400 < image.size[1] < image.size[0] < 2000
+
+
+def test_confusion_figure_of_100_classes_has_no_cell_numbers_or_class_names(tmp_path):
+    counts = torch.eye(100, dtype=torch.long) * 7 + 1
+    figure = confusion_figure(counts, [f"class {i}" for i in range(100)])
+    axes = figure.axes[0]
+    assert ANNOTATED_CLASSES < 100 and len(axes.texts) == 0
+    assert np.asarray(axes.images[0].get_array()).shape == (100, 100)
+    save(figure, str(tmp_path / "confusion.png"))
+    labels = [label.get_text() for label in axes.get_xticklabels() + axes.get_yticklabels()]
+    assert 4 <= len(labels) <= 30 and not any("class" in label for label in labels)  # index ticks only
+    with Image.open(tmp_path / "confusion.png") as image:
+        assert 400 < image.size[1] < image.size[0] < 2000
 
 
 def test_logger_writes_per_class_accuracy_confusion_image_and_hparams(tmp_path):
@@ -76,7 +94,9 @@ def test_logger_writes_per_class_accuracy_confusion_image_and_hparams(tmp_path):
     assert scalars["Accuracy_per_class/cat"] == [(1, pytest.approx(200 / 3)), (2, 100.0)]
     assert scalars["Accuracy_per_class/dog"] == [(1, 100.0), (2, pytest.approx(200 / 3))]
     assert scalars["Accuracy_per_class/ship"] == [(2, 100.0)]  # absent from the first evaluation
-    assert [image.step for image in events.Images("Confusion/test")] == [1, 2]
+    images = events.Images("Confusion/test")
+    assert [image.step for image in images] == [1, 2]
+    assert images[0].encoded_image_string[:8] == b"\x89PNG\r\n\x1a\n" and 400 < images[0].height < images[0].width
     assert scalars["HParams/best_test_acc"] == [(2, 60.0)] and scalars["HParams/final_test_acc"] == [(2, 55.0)]
     plugin = plugin_data_pb2.HParamsPluginData.FromString(
         events.PluginTagToContent("hparams")["_hparams_/session_start_info"])
