@@ -176,23 +176,32 @@ def time_unit(seconds: float) -> tuple[str, float]:
     return "h", 3600.0
 
 
-def plot(runs: list[Run], path: str) -> None:
-    """Accuracy and loss, test (solid) and train (dashed), against epoch and against time."""
-    unit, scale = time_unit(max((run.elapsed_s()[-1] for run in runs if run.records), default=0.0))
+BANDS = {"minmax": "min-max", "std": "mean ± 1 std"}  # --band: what the shaded band around a group's mean shows
+
+
+def plot(groups: list[Group], path: str, band: str = "minmax"):
+    """Each group's mean accuracy and loss over its runs, test (solid, with a shaded band over the
+    runs) and train (dashed), against epoch and against time."""
+    curves = {(id(group), key): curve(group, key, band) for group in groups
+              for key in ("test_acc", "train_acc", "test_loss", "train_loss")}
+    unit, scale = time_unit(max((c.elapsed_s[-1] for c in curves.values() if c.epochs), default=0.0))
     panels = []
     for x_name in ("epoch", "time"):
         for metric, y_label in (("acc", "top-1 accuracy (%)"), ("loss", "loss (label-smoothed CE)")):
             series = []
-            for i, run in enumerate(runs):
-                xs = ([r["epoch"] for r in run.records] if x_name == "epoch"
-                      else [t / scale for t in run.elapsed_s()])
+            for i, group in enumerate(groups):
+                label = f"{group.label} ({len(group.done)} run{'s' if len(group.done) != 1 else ''})"
                 for split in ("test", "train"):
-                    ys = [r[f"{split}_{metric}"] for r in run.records]
-                    series.append(Series(f"{run.label} {split}", xs, ys, PALETTE[i % len(PALETTE)], split == "train"))
-            x_label = "epoch" if x_name == "epoch" else f"wall-clock time, training + evaluation ({unit})"
+                    c = curves[id(group), f"{split}_{metric}"]
+                    xs = c.epochs if x_name == "epoch" else [t / scale for t in c.elapsed_s]
+                    shaded = dict(low=c.low, high=c.high) if split == "test" else {}
+                    series.append(Series(f"{label} {split}", xs, c.mean, PALETTE[i % len(PALETTE)], split == "train",
+                                         **shaded))
+            x_label = "epoch" if x_name == "epoch" else f"mean wall-clock time, training + evaluation ({unit})"
             title = f"{'Accuracy' if metric == 'acc' else 'Loss'} vs {x_name}"
             panels.append(Panel(title, x_label, y_label, series))
-    line_chart(panels, path, columns=2, title="solid: test, dashed: train")
+    return line_chart(panels, path, columns=2, title=f"mean over each group's runs (seeds); solid: test, dashed: train; "
+                                              f"shaded: {BANDS[band]} of test over the runs")
 
 
 def format_time(seconds: float) -> str:
@@ -282,9 +291,8 @@ def difference_table(groups: list[Group]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def report(runs: list[Run]) -> str:
+def report(runs: list[Run], groups: list[Group]) -> str:
     """The markdown of comparison.md: the runs, their seed groups and the differences of the groups."""
-    groups = group_runs(runs)
     parts = ["## Runs\n", table(runs), "## Groups: runs that differ only in their seed\n",
              "mean ± sample standard deviation over the group's runs\n", group_table(groups)]
     if len(groups) > 1:
@@ -298,6 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="run directories (runs/<Model>/<run name>); none: the newest run of each model")
     parser.add_argument("--runs-dir", default=user_input.RUNS_DIR,
                         help=f"where to look for the newest runs (default: {user_input.RUNS_DIR})")
+    parser.add_argument("--band", default="minmax", choices=tuple(BANDS),
+                        help="shaded band around each group's mean test curve: minmax (over the runs) or "
+                        "std (mean ± 1 sample standard deviation); default: minmax")
     parser.add_argument("--out", default="comparison", help="folder for comparison.png and comparison.md "
                         "(default: comparison)")
     return parser
@@ -307,11 +318,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         runs = [Run(run_dir) for run_dir in args.run_dirs or newest_runs(args.runs_dir)]
-        markdown = report(runs)
+        groups = group_runs(runs)
+        markdown = report(runs, groups)
         png, md = os.path.join(args.out, "comparison.png"), os.path.join(args.out, "comparison.md")
         try:
             os.makedirs(args.out, exist_ok=True)
-            plot(runs, png)
+            plot(groups, png, args.band)
             with open(md, "w", encoding="utf-8") as f:
                 f.write(markdown)
         except OSError as error:

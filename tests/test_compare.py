@@ -214,3 +214,21 @@ def test_group_curve_is_the_mean_per_epoch_with_a_min_max_or_std_band(tmp_path):
     assert minmax.epochs == [1, 2, 3] and minmax.elapsed_s == [12.0, 34.0, 46.0]
     assert minmax.mean == [10.0, 74.0, 90.0] and minmax.low == [10.0, 70.0, 90.0] and minmax.high == [10.0, 78.0, 90.0]
     assert std.low == pytest.approx([10.0, 70.0, 90.0]) and std.high == pytest.approx([10.0, 78.0, 90.0])  # std 4
+
+
+@pytest.mark.parametrize("band, low, high, words", [("minmax", 70.0, 78.0, "min-max"),
+                                                    ("std", 74.0 - 4.0, 74.0 + 4.0, "mean ± 1 std")])
+def test_plot_draws_each_groups_mean_with_a_band_and_names_the_band(tmp_path, band, low, high, words):
+    runs = [compare_runs.Run(path) for path in seeded_runs(tmp_path / "runs", "baseline", [60.0, 61.0])
+            + seeded_runs(tmp_path / "runs", "lambda", [70.0, 74.0, 78.0])]
+    figure = compare_runs.plot(compare_runs.group_runs(runs), str(tmp_path / "c.png"), band)
+    assert words in figure.get_suptitle() and (tmp_path / "c.png").is_file()
+    accuracy = figure.axes[0]  # accuracy against epoch
+    lines = accuracy.get_lines()  # in series order: baseline test, train, lambda test, train
+    assert list(lines[2].get_ydata()) == [10.0, 74.0] and list(lines[0].get_ydata()) == [10.0, 60.5]  # means
+    bands = [collection.get_paths()[0].vertices[:, 1] for collection in accuracy.collections]
+    assert len(bands) == 2  # one per group, test only
+    assert (min(bands[1]), max(bands[1])) == pytest.approx((10.0, high))
+    assert min(abs(value - low) for value in bands[1]) < 1e-9  # the band's lower edge at epoch 2
+    legend = [text.get_text() for text in figure.legends[0].get_texts()]
+    assert "lambda (3 runs) test" in legend and "baseline (2 runs) train" in legend
