@@ -67,3 +67,12 @@ def test_bad_arguments_exit_2_with_one_line(tmp_path, capsys):
     assert capsys.readouterr().err.count("\n") == 1
     assert benchmark.main(["--device", "tpu", "--out", str(tmp_path)]) == 2
     assert "--device 'tpu'" in capsys.readouterr().err
+
+
+def test_benchmark_depth_builds_that_resnet():
+    args = benchmark.build_parser().parse_args(["--depth", "26", "--batch-size", "2", "--iters", "1", "--warmup", "0",
+                                                "--amp", "fp32", "--channels-last", "off", "--device", "cpu"])
+    import torch
+
+    result = benchmark.benchmark_model({"model": "baseline"}, args, torch.device("cpu"), "fp32")
+    assert result["params"] == 13_966_666 and result["train_img_s"] > 0  # ResNet-26, 10 classes
