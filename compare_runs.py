@@ -27,7 +27,7 @@ PROG = "compare_runs.py"
 REQUIRED_KEYS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "epoch_time_s", "train_img_per_s")
 # settings that do not change a run's result (only its speed, or where its files go): runs that
 # differ only in these and SEED are one group
-NOT_GROUPED = ("seed", "run_name", "resume", "runs_dir", "checkpoint_dir", "checkpoint_every", "data_dir", "device",
+NOT_GROUPED = ("seed", "run_name", "resume", "runs_dir", "checkpoint_dir", "checkpoint_every", "device",
                "num_workers", "gpu_loader", "channels_last", "cudnn_benchmark", "compile", "num_threads")
 
 
@@ -70,6 +70,8 @@ class Run:
         """The settings that decide the run's result: all but NOT_GROUPED and the model settings
         that do not shape its network (a baseline's lambda settings)."""
         unused = set(prep.MODEL_KEYS) - set(prep.shaping_keys(self.config))
+        if self.config["dataset"] != "folder":  # where CIFAR is stored; a folder's DATA_DIR is its data
+            unused.add("data_dir")
         return {key: value for key, value in self.config.items() if key not in NOT_GROUPED and key not in unused}
 
     def elapsed_s(self) -> list[float]:

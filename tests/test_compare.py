@@ -85,6 +85,15 @@ def test_single_runs_are_groups_of_one_and_too_few_to_tell(tmp_path, capsys):
     assert "| +4.50: too few runs to tell (n = 2 vs 1; need 2 or more seeds in each group) |" in printed
 
 
+def test_data_dir_splits_groups_only_for_image_folders(tmp_path):
+    runs = tmp_path / "runs"
+    cifar = [compare_runs.Run(path) for path in seeded_runs(runs, "baseline", [50.0, 60.0])]
+    cifar[1].config["data_dir"] = "/elsewhere"
+    folders = [compare_runs.Run(path) for path in seeded_runs(runs, "lambda", [50.0, 60.0], dataset="folder")]
+    folders[1].config["data_dir"] = "/other_images"
+    assert [len(group.runs) for group in compare_runs.group_runs(cifar + folders)] == [2, 1, 1]
+
+
 def test_groups_are_paired_where_they_differ_in_one_setting(tmp_path):
     runs = tmp_path / "runs"
     found = [compare_runs.Run(path) for model in ("baseline", "lambda") for depth in (26, 50)
