@@ -301,8 +301,12 @@ def random_resized_crop_flip(images: torch.Tensor, generator: torch.Generator) -
 
 
 def normalization_of(dataset: Dataset) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Mean and std of the Normalize transform of the data set's transform."""
-    normalize = next(t for t in dataset.transform.transforms if isinstance(t, transforms.Normalize))
+    """Mean and std of the Normalize transform of the data set's transform; CIFAR-10's for a data
+    set without one (a bare array set, as the DeviceLoader always assumed before)."""
+    steps = getattr(getattr(dataset, "transform", None), "transforms", [])
+    normalize = next((t for t in steps if isinstance(t, transforms.Normalize)), None)
+    if normalize is None:
+        return CIFAR10_MEAN, CIFAR10_STD
     return tuple(normalize.mean), tuple(normalize.std)
 
 

@@ -57,6 +57,24 @@ def test_superclass_accuracy_and_confusion_from_a_hand_made_matrix():
     assert log_data.grouped_confusion(confusion, [[0], [2, 3]]).tolist() == [[6, 0], [3, 5]]  # class 1 in none
 
 
+def test_logger_shows_superclass_scalars_and_their_confusion_matrix(tmp_path, monkeypatch):
+    drawn = []
+    monkeypatch.setattr(log_data, "confusion_figure",
+                        lambda confusion, names, title: drawn.append((confusion.tolist(), list(names), title)))
+    confusion = torch.zeros(4, 4, dtype=torch.long)
+    confusion[0, 0], confusion[0, 1], confusion[2, 3], confusion[3, 3] = 4, 4, 2, 6
+    logger = log_data.RunLogger(str(tmp_path))
+    logger.writer.add_figure = lambda *args, **kwargs: None  # drawing the figure is figures.py's (tested there)
+    logger.evaluation(1, confusion, ["a0", "a1", "b0", "b1"], [("A", [0, 1]), ("B", [2, 3])])
+    logger.close()
+    assert drawn == [([[8, 0], [0, 8]], ["A", "B"], "test set, epoch 1, superclasses")]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    scalars = {tag: events.Scalars(tag)[0].value for tag in events.Tags()["scalars"] if "class" in tag}
+    assert scalars == {"Accuracy_per_superclass/A": 50.0, "Accuracy_per_superclass/B": 100 * 6 / 8}
+
+
 @pytest.mark.parametrize("size", [32, 64])
 def test_image_folder_classes_sizes_and_transforms(tmp_path, size):
     root = write_image_folder(str(tmp_path))
