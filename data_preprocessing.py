@@ -312,8 +312,9 @@ def normalization_of(dataset: Dataset) -> tuple[tuple[float, ...], tuple[float, 
 
 def decoded_images(dataset: Dataset, train: bool) -> np.ndarray:
     """The data set's images as uint8 [N, S, S, 3]: a CIFAR set's own array, or an ImageFolder's
-    files decoded and brought to the size of its transform (training: shorter side to S and a
-    centre crop, so that the device's random-resized crop sees the whole image; test: the test transform's own)."""
+    files decoded and brought to the size of its transform (training: shorter side to S and the
+    centre crop, from which the device's random-resized crop draws, where the DataLoader's draws
+    from the whole file; test: the test transform's own resize and crop)."""
     if hasattr(dataset, "data"):
         return dataset.data
     size = next(t.size for t in dataset.transform.transforms
