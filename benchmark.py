@@ -1,6 +1,6 @@
 """Speed and memory, measured: `python benchmark.py --device cpu --out DIR` (`--quick`: about a minute).
 
-Two parts, both after warm-up steps, reporting medians over timed steps:
+Three parts, all after warm-up steps, reporting medians over timed steps:
 - models: training and inference throughput (images/s) and peak training memory of the baseline
   ResNet-50 and the lambda ResNet-50 (every LAMBDA_POSITION mode there is) at the CIFAR-10 settings
   (32x32 images, ImageNet stem, batch 128 unless --batch-size), with the run's AMP / channels_last /
@@ -8,7 +8,12 @@ Two parts, both after warm-up steps, reporting medians over timed steps:
 - layers: one lambda layer against multi-head self-attention of the same width and heads on 8x8 ...
   64x64 maps (a forward and backward pass each), attention both with its maps materialised,
   softmax(QK^T)V as Bello 2021 measured it, and with PyTorch's fused scaled_dot_product_attention;
-  timm's LambdaLayer too when timm is importable. An out-of-memory is recorded as "OOM".
+  timm's LambdaLayer too when timm is importable, lucidrains' when lambda-networks is (an optional
+  extra: pip install lambda-networks). An out-of-memory is recorded as "OOM";
+- mixers (with the models): each 3x3 conv of the baseline and each lambda layer (per mode) at the
+  widths, map sizes and strides of the network, forward + backward at the model batch; the network
+  totals against the floor (the lambda network with identities for its lambda layers); and the
+  kernel-launching aten ops (KernelCount) per layer and per training step (docs/lambda-speed.md).
 
 Peak memory: on CUDA torch.cuda.max_memory_allocated; elsewhere the bytes of live tensor storages,
 counted by a dispatch mode that sees every tensor the step creates (plus parameters, optimizer state
@@ -18,6 +23,7 @@ and inputs that exist before it). Writes DIR/benchmark.json, DIR/benchmark.md an
 from __future__ import annotations
 
 import argparse
+import collections
 import gc
 import json
 import os
@@ -38,6 +44,8 @@ import distributed
 import model_preparation as prep
 from figures import Panel, Series, line_chart
 from lambda_layer import POSITIONS, LambdaLayer
+import resnet_lambda
+from resnet import STAGE_WIDTHS
 import user_input
 from nntrain import synchronize
 from user_input import ConfigError
@@ -175,17 +183,23 @@ def is_oom(error: BaseException) -> bool:
 
 # --- models ---
 
+def model_config(variant: dict, args) -> dict:
+    config = dict(user_input.defaults(), **variant, batch_size=args.batch_size, channels_last=args.channels_last,
+                  compile=args.compile, amp=args.amp, device=args.device, depth=args.depth)
+    user_input.validate(config)
+    return config
+
+
 def model_variants() -> list[dict]:
     return [{"model": "baseline"}] + [{"model": "lambda", "lambda_position": mode} for mode in POSITIONS]
 
 
-def benchmark_model(variant: dict, args, device: torch.device, amp: str) -> dict:
-    """Training and inference throughput and peak training memory of one ResNet variant (--depth)."""
-    config = dict(user_input.defaults(), **variant, batch_size=args.batch_size, channels_last=args.channels_last,
-                  compile=args.compile, amp=args.amp, device=args.device, depth=args.depth)
-    user_input.validate(config)
+def benchmark_model(variant: dict, args, device: torch.device, amp: str, build=prep.build_model) -> dict:
+    """Training and inference throughput and peak training memory of one ResNet variant (--depth)
+    (``build(config)`` makes the model: the identity-mixer floor of the mixer table passes its own)."""
+    config = model_config(variant, args)
     torch.manual_seed(0)
-    model = prep.speed_up(prep.build_model(config).to(device), config, device)
+    model = prep.speed_up(build(config).to(device), config, device)
     optimizer = prep.build_optimizer(model, config)
     criterion = prep.build_criterion(config)
     autocast, scaler = prep.autocast(amp, device), prep.build_scaler(amp, device)
@@ -269,6 +283,22 @@ def timm_status() -> str:
     return f"timm {timm.__version__}"
 
 
+def lucidrains_lambda_layer(args, size: int, r: int | None) -> nn.Module:
+    """lucidrains/lambda-networks' LambdaLayer (PyPI lambda-networks): global relative (n = size) or r x r."""
+    from lambda_networks import LambdaLayer as LucidrainsLambdaLayer
+    return LucidrainsLambdaLayer(args.width, dim_out=args.width, dim_k=args.qk_size, heads=args.heads,
+                                 n=None if r else size, r=r)
+
+
+def lucidrains_status() -> str:
+    try:
+        from importlib.metadata import version
+        import lambda_networks  # noqa: F401 (an optional benchmark extra: pip install lambda-networks)
+    except ImportError:
+        return "lambda-networks not installed"
+    return f"lambda-networks {version('lambda-networks')}"
+
+
 def layer_builders(args) -> dict:
     builders = {f"lambda ({mode})": (lambda size, mode=mode: lambda_layer(args, size, mode)) for mode in POSITIONS}
     builders["attention (materialised)"] = lambda size: SelfAttention(args.width, args.heads, fused=False)
@@ -276,6 +306,10 @@ def layer_builders(args) -> dict:
     if timm_status() != "timm not installed":
         builders["timm lambda (relative)"] = lambda size: timm_lambda_layer(args, size, None)
         builders[f"timm lambda (conv, r={args.lambda_r})"] = lambda size: timm_lambda_layer(args, size, args.lambda_r)
+    if lucidrains_status() != "lambda-networks not installed":
+        builders["lucidrains lambda (relative)"] = lambda size: lucidrains_lambda_layer(args, size, None)
+        builders[f"lucidrains lambda (conv, r={args.lambda_r})"] = (
+            lambda size: lucidrains_lambda_layer(args, size, args.lambda_r))
     return builders
 
 
@@ -307,10 +341,14 @@ def benchmark_layer(name: str, build, args, size: int, device: torch.device, lim
         layer = build(size).to(device).train()
         x = torch.randn(args.layer_batch, args.width, size, size, device=device, requires_grad=True)
 
+        # a dense output gradient in the output's layout, as the next layer's backward gives it (sum()'s
+        # gradient is expanded, stride 0, which sends a batched matmul to a loop over its batch)
+        grad = torch.randn_like(layer(x).float())
+
         def step():
             layer.zero_grad(set_to_none=True)
             x.grad = None
-            layer(x).float().sum().backward()
+            layer(x).float().backward(grad)
 
         result = measure(step, device, args.warmup, args.iters, [*layer.parameters(), *layer.buffers(), x])
         row.update(status="ok", time_ms=1000 * result["median_s"], peak_mb=result["peak_mb"])
@@ -326,6 +364,159 @@ def benchmark_layer(name: str, build, args, size: int, device: torch.device, lim
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return row
+
+
+# --- mixers and kernels: the lambda layers against the 3x3 convolutions they replace ---
+
+# ops that allocate or only relabel memory: no kernel runs (views are recognised by their schema)
+NO_KERNEL_OPS = {"aten::empty", "aten::empty_strided", "aten::new_empty", "aten::new_empty_strided",
+                 "aten::_unsafe_view", "aten::promote_types"}
+KERNEL_TARGET = 24  # most kernel-launching ops per lambda layer forward + backward (issue 12)
+
+
+class KernelCount(TorchDispatchMode):
+    """Counts the aten ops below autograd that launch a kernel: neither views nor NO_KERNEL_OPS.
+
+    What an op runs inside its own kernel (a copy inside a convolution) is not seen; on a GPU each
+    counted op is at least one kernel launch.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.ops: collections.Counter = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view and func._schema.name not in NO_KERNEL_OPS:
+            self.ops[func._schema.name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_kernels(step) -> int:
+    with KernelCount() as counter:
+        step()
+    return sum(counter.ops.values())
+
+
+def network_mixers(model: nn.Module, config: dict) -> dict:
+    """(width, input map side, stride) -> [one of the model's 3x3 mixers there, how many blocks run one]."""
+    sizes = resnet_lambda.stage_input_sizes((32, 32), config["stem"])
+    found: dict = {}
+    for stage, layer in enumerate((model.layer1, model.layer2, model.layer3, model.layer4)):
+        for index, block in enumerate(layer):
+            stride = 2 if stage > 0 and index == 0 else 1
+            key = (STAGE_WIDTHS[stage], (sizes[stage - 1] if stride == 2 else sizes[stage])[0], stride)
+            found.setdefault(key, [block.conv2, 0])[1] += 1
+    return found
+
+
+def mixer_step(mixer: nn.Module, x: torch.Tensor, grad: torch.Tensor):
+    """Forward + backward of one mixer: the gradients of its input and parameters (none accumulated)."""
+    def step():
+        out = mixer(x)
+        torch.autograd.grad(out, [x, *mixer.parameters()], grad, allow_unused=True)
+    return step
+
+
+def identity_mixer_floor(config: dict) -> nn.Module:
+    """The lambda network with every lambda layer an identity (a strided block keeps its average pool)."""
+    model = prep.build_model(config)
+    for layer in (model.layer1, model.layer2, model.layer3, model.layer4):
+        for block in layer:
+            if isinstance(block.conv2, nn.Sequential):
+                block.conv2[0] = nn.Identity()
+            else:
+                block.conv2 = nn.Identity()
+    return model
+
+
+def step_kernels(model: nn.Module, args, device: torch.device) -> int:
+    """Kernel-launching ops of one training forward + loss + backward (fp32), gradients None first."""
+    model.to(device).train()
+    images = torch.randn(args.batch_size, 3, 32, 32, device=device)
+    labels = torch.randint(0, prep.NUM_CLASSES, (args.batch_size,), device=device)
+    model.zero_grad(set_to_none=True)
+    return count_kernels(lambda: F.cross_entropy(model(images), labels).backward())
+
+
+def benchmark_mixer(mixer: nn.Module, key: tuple, args, device: torch.device) -> dict:
+    """Time (median ms) and kernel count of one mixer's forward + backward at the model batch."""
+    width, size, stride = key
+    mixer = mixer.to(device).train()
+    memory_format = torch.channels_last if user_input.switched_on(args.channels_last, device) else torch.contiguous_format
+    x = torch.randn(args.batch_size, width, size, size, device=device).contiguous(memory_format=memory_format)
+    x.requires_grad_(True)
+    step = mixer_step(mixer, x, torch.randn_like(mixer(x)))  # the gradient in the output's layout
+    result = measure(step, device, args.warmup, args.iters, [])
+    return {"ms": 1000 * result["median_s"], "kernels": count_kernels(step)}
+
+
+def mixer_rows(args, device: torch.device) -> tuple[list[dict], dict]:
+    """A row per (width, map size, stride) of the default network: the 3x3 conv and each lambda mode;
+    and the kernel-launching ops per training step of each model."""
+    rows: dict = {}
+    per_step = {}
+    for variant in model_variants():
+        config = model_config(variant, args)
+        torch.manual_seed(0)
+        model = prep.build_model(config)
+        name = "conv" if variant["model"] == "baseline" else f"lambda_{variant['lambda_position']}"
+        per_step[name] = step_kernels(model, args, device)
+        for key, (mixer, blocks) in network_mixers(model, config).items():
+            row = rows.setdefault(key, {"width": key[0], "size": key[1], "stride": key[2], "blocks": blocks})
+            measured = benchmark_mixer(mixer, key, args, device)
+            row[f"{name}_ms"], row[f"{name}_kernels"] = measured["ms"], measured["kernels"]
+            print(f"mixer {key} {name}: {measured['ms']:.2f} ms, {measured['kernels']} kernels", flush=True)
+        del model
+    per_step["floor"] = step_kernels(identity_mixer_floor(model_config({"model": "lambda"}, args)), args, device)
+    return list(rows.values()), per_step
+
+
+def benchmark_mixers(models: list[dict], args, device: torch.device, amp: str) -> dict:
+    """The mixer table, the network totals against the identity-mixer floor, and the kernel counts."""
+    rows, per_step = mixer_rows(args, device)
+    floor = benchmark_model({"model": "lambda"}, args, device, amp, build=identity_mixer_floor)
+    step_ms = {"conv" if m["model"] == "baseline" else f"lambda_{m['position']}": m["train_step_ms"] for m in models}
+    totals = {"floor_step_ms": floor["train_step_ms"], "bound_baseline_over_floor": step_ms["conv"] / floor["train_step_ms"]}
+    for name, ms in step_ms.items():
+        totals[f"{name}_step_ms"] = ms
+        totals[f"{name}_mixers_ms"] = ms - floor["train_step_ms"]  # the network's mixers: step - floor
+        totals[f"{name}_mixers_summed_ms"] = sum(row["blocks"] * row[f"{name}_ms"] for row in rows)
+    found = {}
+    for mode in POSITIONS:
+        name = f"lambda_{mode}"
+        for way in ("mixers", "mixers_summed"):
+            ratio = totals[f"{name}_{way}_ms"] / totals[f"conv_{way}_ms"]
+            found[f"{name}_{way}_over_conv"] = {"value": ratio, "target": 0.5, "met": ratio <= 0.5}
+        # stride-1 rows: a strided row's mixer adds its 3x3 average pool (2 kernels) to the layer
+        layer = max(row[f"{name}_kernels"] for row in rows if row["stride"] == 1)
+        found[f"{name}_kernels_per_layer"] = {"value": layer, "target": KERNEL_TARGET, "met": layer <= KERNEL_TARGET}
+        steps = per_step[name] / per_step["conv"]
+        found[f"{name}_kernels_per_step_over_baseline"] = {"value": steps, "target": 1.8, "met": steps <= 1.8}
+    return {"rows": rows, "totals": totals, "kernels_per_step": per_step, "targets": found}
+
+
+def mixers_markdown(mixers: dict | None) -> str:
+    if not mixers:
+        return ""
+    names = ["conv"] + [f"lambda_{mode}" for mode in POSITIONS]
+    lines = ["", "## Mixers (forward + backward at the model batch; kernels: aten ops that launch one)", "",
+             "| width | map | stride | blocks | " + " | ".join(f"{n} ms | {n} kernels" for n in names) + " |",
+             "|---" * (4 + 2 * len(names)) + "|"]
+    for row in mixers["rows"]:
+        cells = " | ".join(f"{row[f'{n}_ms']:.2f} | {row[f'{n}_kernels']}" for n in names)
+        lines.append(f"| {row['width']} | {row['size']}x{row['size']} | {row['stride']} | {row['blocks']} | {cells} |")
+    t = mixers["totals"]
+    lines += ["", "| network | train step ms | mixers ms (step - floor) | mixers ms (summed rows) | kernels per step |",
+              "|---|---|---|---|---|",
+              f"| identity-mixer floor | {t['floor_step_ms']:.1f} | - | - | {mixers['kernels_per_step']['floor']} |"]
+    for n in names:
+        lines.append(f"| {n} | {t[f'{n}_step_ms']:.1f} | {t[f'{n}_mixers_ms']:.1f} | {t[f'{n}_mixers_summed_ms']:.1f} "
+                     f"| {mixers['kernels_per_step'][n]} |")
+    lines += ["", f"Bound (baseline / floor): {t['bound_baseline_over_floor']:.2f}x.", "",
+              "| mixer target | value | goal | met |", "|---|---|---|---|"]
+    for name, target in mixers["targets"].items():
+        lines.append(f"| {name} | {target['value']:.2f} | <= {target['target']} | {target['met']} |")
+    return "\n".join(lines) + "\n"
 
 
 def default_memory_limit(device: torch.device) -> float | None:
@@ -397,7 +588,7 @@ def markdown(report: dict) -> str:
             lines.append(f"| {r['size']}x{r['size']} | {r['layer']} | {r['time_ms']:.2f} | {r['peak_mb']:.1f} | {table2} |")
         else:
             lines.append(f"| {r['size']}x{r['size']} | {r['layer']} | {r['status']} | {r['status']} | {table2} |")
-    lines += ["", f"timm: {report['timm']}.", "", "## Targets", "", "| target | value | goal | met |", "|---|---|---|---|"]
+    lines += ["", f"timm: {report['timm']}; {report['lucidrains']}.", "", "## Targets", "", "| target | value | goal | met |", "|---|---|---|---|"]
     for name, t in report["targets"].items():
         value = "-" if t["value"] is None else f"{t['value']:.2f}"
         extra = (f" (Table 2 ratio at batch 128: {t['analytic_table2_ratio_at_batch_128']:.1f})"
@@ -455,6 +646,7 @@ def run(args, argv: list[str]) -> dict:
             models.append(benchmark_model(variant, args, device, amp))
             print(f"{variant}: {models[-1]['train_img_s']:.1f} train img/s, {models[-1]['infer_img_s']:.1f} inference img/s",
                   flush=True)
+    mixers = benchmark_mixers(models, args, device, amp) if models else None
     layers = []
     for size in args.sizes:
         for name, build in layer_builders(args).items():
@@ -464,10 +656,11 @@ def run(args, argv: list[str]) -> dict:
     settings["amp"] = amp
     report = {"machine": machine(device), "settings": settings, "memory_method": memory_method(device),
               "timm": timm_status(), "command": " ".join(["python", PROG, *argv]),
-              "models": models, "layers": layers, "targets": targets(models, layers, args)}
+              "models": models, "layers": layers, "targets": targets(models, layers, args), "mixers": mixers,
+              "lucidrains": lucidrains_status()}
     with open(os.path.join(out, "benchmark.json"), "w") as f:
         json.dump(report, f, indent=1)
-    table = markdown(report)
+    table = markdown(report) + mixers_markdown(mixers)
     with open(os.path.join(out, "benchmark.md"), "w") as f:
         f.write(table)
     plot(report, os.path.join(out, "benchmark.png"))

@@ -13,8 +13,9 @@ lambda_p[n] = sum_m E[n, m]^T V[m] (the content lambda is the same in all of the
   (2H-1, 2W-1, k, u) indexed by the offset of the context position from the query: translation
   equivariant. The (n, m) -> table-row index is a non-persistent buffer.
 - ``"conv"``: local context of r x r positions, the lambda convolution: a 3D convolution of the
-  values over (H, W) with an r x r kernel per key dimension, kernel shape (k, u, 1, r, r),
-  zero padding (0, r // 2, r // 2). Works for any H x W; no (n, m, k) tensor exists.
+  values (u channels) over (H, W, v) with an r x r x 1 kernel per key dimension, kernel parameter
+  of shape (k, u, 1, r, r), zero padding r // 2 in H and W. Works for any H x W; no (n, m, k)
+  tensor exists.
 
 Embeddings may be shared between layers (pass ``embedding=``). Not implemented: a context other
 than the input map itself (C = X in every mode).
@@ -24,8 +25,8 @@ Cost per layer, batch b, n = m = H*W positions, h heads, v = dim_out / h (paper,
 ========== ====================== ============================== ===================================
 position   parameters of E        time (position lambdas)        memory (activations + E)
 ========== ====================== ============================== ===================================
-absolute   n m k u                Theta(b n m k u v) [1]         Theta(n m k u + b n k v) [1]
-relative   (2H-1)(2W-1) k u       Theta(b n m k u v) [1]         Theta(n m k u + b n k v) [1]
+absolute   n m k u                Theta(b n m k u v)             Theta(n m k u + b n k v)
+relative   (2H-1)(2W-1) k u       Theta(b n m k u v)             Theta(n m k u + b n k v)
 conv       r^2 k u                Theta(b n r^2 k u v)           Theta(b n k v), independent of r
 ========== ====================== ============================== ===================================
 
@@ -33,19 +34,32 @@ plus, in every mode, the projections Theta(b n d (hk + ku + vu)), the content la
 Theta(b m k u v) and applying the lambdas to the queries Theta(b h n k v). "relative" gathers its
 (n, m, k, u) E from the table in each forward pass (the paper's Theta(k n m) memory); "conv"
 could equally run a global relative context (r = 2 max(H, W) - 1, tested), at about 4x the time.
+The lambdas are always computed before they meet the queries (lambda_p = E^T V first), and
+lambda_c + lambda_p is formed before the one contraction with the queries.
 
-[1] Einsum order for the global modes (``queries_first``). Lambdas first: lambda_p = E^T V costs
-Theta(b n m k u v) and keeps Theta(b n k v); then q^T lambda_p costs Theta(b h n k v). Queries
-first: q^T E costs Theta(b h n m k u) and keeps a Theta(b h n m u) map, then that map times V
-costs Theta(b h n m u v). Queries first is taken when it does fewer multiply-adds,
-h (k + v) < k v, and its map is no larger than the lambdas, h m u <= k v. With the defaults
-(h 4, k 16, u 1) that holds on the ImageNet stem's 8x8 maps of a 32x32 image (c2: v 16, m 64:
-128 < 256 and 256 <= 256); on 32x32 maps (CIFAR stem, c2) the map would be 16x the lambdas, so
-lambdas first is kept there: the memory advantage the paper claims for lambda layers.
+Kernels and layouts (docs/lambda-speed.md has the measurements): a handful of kernel-launching aten
+ops per training forward + backward (u = 1, 8x8 map: 21 absolute, 23 relative, 22 conv with r 23,
+20 with r <= 15; 20 relative on maps of <= 4 positions; counted by ``benchmark.py``, asserted in
+tests/test_lambda_modes.py), and every contraction a batched GEMM on views, no copies when u = 1
+except the lambda convolution's one copy of the values into its channels-last volume:
 
-Mixed precision: the 1x1 projections follow autocast; the key softmax and every lambda
-contraction run in float32 (autocast disabled inside the layer; float64 stays float64) and the
-output is cast back to the input's dtype.
+- one 1x1 convolution projects queries, values and keys (one GEMM); its kernel has channels_last
+  strides, so the output is positions-major ([b, n, channels] in memory) whatever x's layout;
+- one batch norm normalises queries and values together (per-channel statistics: exact), without
+  incrementing the batch counter that only momentum=None reads (``UncountedBatchNorm2d``);
+- content lambda: bmm [b, k, m*u] x [b, m*u, v]; position lambdas: bmm of E as the [n*k, m*u]
+  matrix (expanded over b) with the same values, or the lambda convolution as a channels-last 3D
+  convolution over (H, W, v) whose output is already [b, n, v, k] in memory ("relative" on maps of
+  <= RELATIVE_AS_CONV_POSITIONS positions too, with its table as the kernel: no gather);
+- queries: bmm [b*n, h, k] x [b*n, k, v]; the output is returned channels_last (a view);
+- backward of the global modes (``GlobalLambdas``): E's gradient is one GEMM over (b, v), after
+  copying the lambdas' gradient and the values to [n*k, b*v] and [b*v, m*u].
+u > 1 costs a copy of the values (and of the gathered E in "relative", of the volume in "conv"):
+their (m, u) axes are not adjacent in memory.
+
+Mixed precision: the 1x1 projection follows autocast; the batch norm, the key softmax and every
+lambda contraction run in float32 (autocast disabled inside the layer; float64 stays float64) and
+the output is cast back to the input's dtype.
 """
 from __future__ import annotations
 
@@ -54,6 +68,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 POSITIONS = ("absolute", "relative", "conv")
+# "relative" on maps of at most this many positions runs as the lambda convolution with its table as
+# the kernel: fewer kernels (no gather), at most 2.25x the multiply-adds of the gathered E (2x2 maps)
+RELATIVE_AS_CONV_POSITIONS = 4
 
 
 def make_position_embedding(size: tuple[int, int] | None, dim_k: int, dim_u: int = 1,
@@ -65,7 +82,9 @@ def make_position_embedding(size: tuple[int, int] | None, dim_k: int, dim_u: int
     if position == "relative":
         return nn.Parameter(torch.randn(2 * height - 1, 2 * width - 1, dim_k, dim_u))
     n = height * width
-    return nn.Parameter(torch.randn(n, n, dim_k, dim_u))
+    # indexed E[n, m, k, u] as in the paper, stored (n, k, m, u) so that E is the [n*k, m*u] matrix of
+    # one GEMM without a copy (LambdaLayer._position_lambdas); .to() and load_state_dict keep strides
+    return nn.Parameter(torch.randn(n, dim_k, n, dim_u).permute(0, 2, 1, 3))  # n, m, k, u
 
 
 def relative_index(size: tuple[int, int]) -> torch.Tensor:
@@ -91,20 +110,50 @@ def reachable_kernel(kernel: torch.Tensor, height: int, width: int) -> tuple[tor
     return kernel, pad_y, pad_x
 
 
-def queries_first(heads: int, dim_k: int, dim_u: int, dim_v: int, context: int) -> bool:
-    """Contract queries with E before the values: fewer multiply-adds and no larger intermediate."""
-    return heads * (dim_k + dim_v) < dim_k * dim_v and heads * context * dim_u <= dim_k * dim_v
+class UncountedBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d (momentum 0.1) that does not increment ``num_batches_tracked``: the counter serves
+    only momentum=None (a cumulative average), and its increment is one kernel per training step.
+    The buffer stays (at 0), so SyncBatchNorm conversion under torchrun works as for any norm."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        assert self.momentum is not None and self.track_running_stats, "an exponential average needs no counter"
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, self.training,
+                            self.momentum, self.eps)
 
 
-def global_position_output(queries: torch.Tensor, embedding: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """sum_k q[b, h, k, n] sum_{m, u} E[n, m, k, u] V[b, u, v, m], in the cheaper order (module docstring)."""
-    _, heads, dim_k, _ = queries.shape  # b, h, k, n
-    _, dim_u, dim_v, context = values.shape  # b, u, v, m
-    if queries_first(heads, dim_k, dim_u, dim_v, context):
-        scores = torch.einsum("bhkn,nmku->bhnmu", queries, embedding)  # b, h, n, m, u
-        return torch.einsum("bhnmu,buvm->bhvn", scores, values)       # b, h, v, n
-    position_lambdas = torch.einsum("nmku,buvm->bnkv", embedding, values)  # b, n, k, v
-    return torch.einsum("bhkn,bnkv->bhvn", queries, position_lambdas)     # b, h, v, n
+class GlobalLambdas(torch.autograd.Function):
+    """lambda[b, n*k, v] = E V[b] + lambda_c[b] (for every n), lambda_c = K[b]^T V[b]: the lambdas of the
+    global modes, E as the [n*k, m*u] matrix, keys [b, m*u, k], values [b, m*u, v].
+
+    What autograd would do, in as many kernels, except for E's gradient: sum_b g[b] V[b]^T as one
+    GEMM over (b, v) rather than b GEMMs into a [b, n*k, m*u] tensor and its sum over b (on a CPU
+    the latter took 3x as long at width 64, 8x8, batch 128).
+    """
+
+    @staticmethod
+    def forward(ctx, embedding: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        b, _, v = values.shape
+        k = keys.shape[-1]
+        content_lambda = torch.bmm(keys.transpose(1, 2), values)          # b, k, v
+        lambdas = torch.bmm(embedding.expand(b, -1, -1), values)           # b, n*k, v
+        lambdas.view(b, -1, k, v).add_(content_lambda[:, None])            # b, n, k, v
+        ctx.save_for_backward(embedding, keys, values)
+        return lambdas
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        embedding, keys, values = ctx.saved_tensors
+        b, nk, v = grad.shape
+        k = keys.shape[-1]
+        grad_content = grad.reshape(b, nk // k, k, v).sum(dim=1)                           # b, k, v
+        grad_values = torch.bmm(embedding.t().expand(b, -1, -1), grad)                     # b, m*u, v
+        grad_values.baddbmm_(keys, grad_content)                                           # + K lambda_c grad
+        grad_keys = torch.bmm(values, grad_content.transpose(1, 2))                        # b, m*u, k
+        grad_embedding = None
+        if ctx.needs_input_grad[0]:
+            # one GEMM over (b, v): [n*k, b*v] x [b*v, m*u]
+            grad_embedding = grad.permute(1, 0, 2).reshape(nk, b * v) @ values.permute(0, 2, 1).reshape(b * v, -1)
+        return grad_embedding, grad_keys, grad_values
 
 
 class LambdaLayer(nn.Module):
@@ -140,11 +189,13 @@ class LambdaLayer(nn.Module):
         self.dim, self.heads, self.dim_k, self.dim_u = dim, heads, dim_k, dim_u
         self.dim_v = dim_out // heads
 
-        self.to_q = nn.Conv2d(dim, dim_k * heads, 1, bias=False)
-        self.to_k = nn.Conv2d(dim, dim_k * dim_u, 1, bias=False)
-        self.to_v = nn.Conv2d(dim, self.dim_v * dim_u, 1, bias=False)
-        self.norm_q = nn.BatchNorm2d(dim_k * heads)
-        self.norm_v = nn.BatchNorm2d(self.dim_v * dim_u)
+        # one 1x1 projection: output channels queries (h, k), values (u, v), keys (u, k); one batch
+        # norm over queries and values (per-channel statistics: the same as two norms)
+        self.to_qkv = nn.Conv2d(dim, sum(self.split_sizes), 1, bias=False)
+        # the 1x1 kernel gets channels_last strides: the convolution then writes a channels-last output
+        # (positions outermost) from a channels-first x too, and its gradient needs no re-layout
+        self.to_qkv.weight = nn.Parameter(torch.empty_strided(self.to_qkv.weight.shape, (dim, 1, dim, dim)))
+        self.norm_qv = UncountedBatchNorm2d(self.split_sizes[0] + self.split_sizes[1])
 
         if embedding is None:
             embedding = make_position_embedding(self.size, dim_k, dim_u, position, r)
@@ -153,8 +204,14 @@ class LambdaLayer(nn.Module):
             f"{position} embedding shape {tuple(embedding.shape)} != {expected}")
         self.embedding = embedding
         if position == "relative":
-            self.register_buffer("relative_index", relative_index(self.size), persistent=False)
+            # stored [m, n] (transposed): the gather then yields E^T as [m, n*k*u] rows without a copy
+            self.register_buffer("relative_index", relative_index(self.size).t().contiguous(), persistent=False)
         self.reset_parameters()
+
+    @property
+    def split_sizes(self) -> tuple[int, int, int]:
+        """Channels of queries, values and keys in ``to_qkv``'s output, in that order."""
+        return self.heads * self.dim_k, self.dim_u * self.dim_v, self.dim_u * self.dim_k
 
     @staticmethod
     def _checked_size(position: str, r: int | None, size) -> tuple[int, int] | None:
@@ -182,9 +239,10 @@ class LambdaLayer(nn.Module):
 
     def reset_parameters(self) -> None:
         # Bello 2021, Appendix: queries N(0, (d k)^-1/2), keys and values N(0, d^-1/2)
-        nn.init.normal_(self.to_q.weight, std=(self.dim * self.dim_k) ** -0.5)
-        nn.init.normal_(self.to_k.weight, std=self.dim ** -0.5)
-        nn.init.normal_(self.to_v.weight, std=self.dim ** -0.5)
+        queries, values, keys = self.to_qkv.weight.data.split(self.split_sizes)
+        nn.init.normal_(queries, std=(self.dim * self.dim_k) ** -0.5)
+        nn.init.normal_(values, std=self.dim ** -0.5)
+        nn.init.normal_(keys, std=self.dim ** -0.5)
         # E ~ N(0, 1) is drawn in make_position_embedding: a shared E is initialised once
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -192,31 +250,51 @@ class LambdaLayer(nn.Module):
         assert self.size is None or (height, width) == self.size, (
             f"input map {height}x{width} != the {self.size[0]}x{self.size[1]} map the {self.position} "
             f"embeddings were made for")
-        n = height * width
-        # Flatten H, W into positions; channels stay a separate axis (never reshape [B, C, H, W] to [B, n, C]).
-        queries = self.norm_q(self.to_q(x)).reshape(b, self.heads, self.dim_k, n)  # b, h, k, n
-        keys = self.to_k(x).reshape(b, self.dim_u, self.dim_k, n)                  # b, u, k, m
-        values = self.norm_v(self.to_v(x)).reshape(b, self.dim_u, self.dim_v, n)   # b, u, v, m
+        n, h, k, u, v = height * width, self.heads, self.dim_k, self.dim_u, self.dim_v
+        # channels_last (see __init__): positions outermost, so queries, keys and values are [b*n, channels] views
+        qkv = self.to_qkv(x)  # b, hk+uv+uk, H, W
         # fp16/bf16 would round the softmax and the sums over m; float64 stays float64
-        dtype = torch.promote_types(queries.dtype, torch.float32)
+        dtype = torch.promote_types(qkv.dtype, torch.float32)
         with torch.autocast(x.device.type, enabled=False):
-            queries, keys, values = queries.to(dtype), keys.to(dtype), values.to(dtype)
-            keys = keys.softmax(dim=-1)
-            content_lambda = torch.einsum("bukm,buvm->bkv", keys, values)             # b, k, v
-            content_output = torch.einsum("bhkn,bkv->bhvn", queries, content_lambda)  # b, h, v, n
-            out = content_output + self._position_output(queries, values, height, width)  # b, h, v, n
-        return out.reshape(b, self.heads * self.dim_v, height, width).to(x.dtype)  # b, h*v, H, W
+            qv, keys = qkv.to(dtype).split((h * k + u * v, u * k), dim=1)
+            qv = self.norm_qv(qv).permute(0, 2, 3, 1).reshape(b, n, h * k + u * v)  # b, n, hk+uv (a view)
+            queries, values = qv.split((h * k, u * v), dim=-1)
+            values = values.reshape(b, n * u, v)  # b, m*u, v (a view when u = 1)
+            keys = keys.permute(0, 2, 3, 1).reshape(b, n, u * k).softmax(dim=1).reshape(b, n * u, k)  # b, m*u, k
+            # lambda_c + lambda_p before the queries: one contraction with the queries instead of two
+            lambdas = self._lambdas(keys, values, height, width)  # b, n, k, v
+            out = torch.bmm(queries.reshape(b * n, h, k), lambdas.reshape(b * n, k, v))  # b*n, h, v
+        return out.reshape(b, height, width, h * v).permute(0, 3, 1, 2).to(x.dtype)  # b, h*v, H, W (channels_last)
 
-    def _position_output(self, queries: torch.Tensor, values: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    def _lambdas(self, keys: torch.Tensor, values: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """lambda_c[b] + lambda_p[b, n] for every n: [b, n, k, v]; keys [b, m*u, k], values [b, m*u, v].
+
+        lambda_p[b, n, k, v] = sum_{m, u} E[n, m, k, u] V[b, m, u, v].
+        """
+        b, _, v = values.shape
+        n, k, u = height * width, self.dim_k, self.dim_u
         embedding = self.embedding.to(values.dtype)
-        if self.position == "conv":
-            b, u, v, n = values.shape
-            volume = values.reshape(b, u, v, height, width)  # b, u (channels), v (depth), H, W
-            kernel, pad_y, pad_x = reachable_kernel(embedding, height, width)
-            position_lambdas = F.conv3d(volume, kernel, padding=(0, pad_y, pad_x))  # b, k, v, H, W
-            position_lambdas = position_lambdas.reshape(b, self.dim_k, v, n)          # b, k, v, n
-            return torch.einsum("bhkn,bkvn->bhvn", queries, position_lambdas)        # b, h, v, n
+        if self.position == "conv" or (self.position == "relative" and n <= RELATIVE_AS_CONV_POSITIONS):
+            if self.position == "conv":
+                kernel, _, _ = reachable_kernel(embedding, height, width)  # k, u, 1, <=r, <=r
+            else:  # the table is the lambda convolution's kernel with r = 2H-1 (2W-1), all of it reachable
+                kernel = embedding.permute(2, 3, 0, 1).unsqueeze(2)  # k, u, 1, 2H-1, 2W-1
+            content_lambda = torch.bmm(keys.transpose(1, 2), values)  # b, k, v
+            return self._conv_position_lambdas(values, kernel, height, width) + content_lambda[:, None]
         if self.position == "relative":
-            table = embedding.reshape(-1, self.dim_k, self.dim_u)  # (2H-1)(2W-1), k, u
-            embedding = table[self.relative_index]                  # n, m, k, u
-        return global_position_output(queries, embedding, values)
+            table = embedding.reshape(-1, k * u)  # (2H-1)(2W-1), k*u
+            embedding = F.embedding(self.relative_index, table).reshape(n, n, k, u)  # m, n, k, u
+            embedding = embedding.transpose(0, 1)                                      # n, m, k, u
+        embedding = embedding.permute(0, 2, 1, 3).reshape(n * k, n * u)  # n*k, m*u (a view when u = 1 or absolute)
+        return GlobalLambdas.apply(embedding, keys, values).reshape(b, n, k, v)  # b, n, k, v
+
+    def _conv_position_lambdas(self, values: torch.Tensor, kernel: torch.Tensor, height: int,
+                               width: int) -> torch.Tensor:
+        """The lambda convolution with an odd-sided kernel (k, u, 1, r_y, r_x), zero padding r // 2: a 3D
+        convolution over (H, W, v) with u channels, written channels-last."""
+        b, _, v = values.shape
+        pad_y, pad_x = kernel.shape[-2] // 2, kernel.shape[-1] // 2
+        volume = values.reshape(b, height, width, self.dim_u, v).permute(0, 3, 1, 2, 4)  # b, u, H, W, v
+        volume = volume.contiguous(memory_format=torch.channels_last_3d)                # memory: b, H, W, v, u
+        lambdas = F.conv3d(volume, kernel.permute(0, 1, 3, 4, 2), padding=(pad_y, pad_x, 0))  # b, k, H, W, v
+        return lambdas.permute(0, 2, 3, 1, 4).reshape(b, height * width, self.dim_k, v)      # b, n, k, v

@@ -40,8 +40,19 @@ def test_quick_benchmark_writes_json_markdown_and_png(tmp_path):
     assert report["timm"].startswith("timm")
     assert "TorchDispatchMode" in report["memory_method"]
     assert "train_speedup_lambda_absolute" in report["targets"]
+    mixers = report["mixers"]
+    # c2 8x8 (3 blocks), c3 8x8 stride 2 + 4x4, c4 4x4 stride 2 + 2x2, c5 2x2 stride 2 + 1x1
+    assert [(r["width"], r["size"], r["stride"], r["blocks"]) for r in mixers["rows"]] == [
+        (64, 8, 1, 3), (128, 8, 2, 1), (128, 4, 1, 3), (256, 4, 2, 1), (256, 2, 1, 5), (512, 2, 2, 1), (512, 1, 1, 2)]
+    for row in mixers["rows"]:
+        assert row["conv_kernels"] == 2 and row["conv_ms"] > 0  # a convolution and its backward
+        assert all(row[f"lambda_{mode}_ms"] > 0 and 2 < row[f"lambda_{mode}_kernels"] <= 26 for mode in POSITIONS)
+    steps = mixers["kernels_per_step"]
+    assert steps["floor"] < steps["conv"] < min(steps[f"lambda_{mode}"] for mode in POSITIONS)
+    assert mixers["totals"]["bound_baseline_over_floor"] > 0
     with open(out / "benchmark.md") as f:
         table = f.read()
+    assert "## Mixers" in table and "| identity-mixer floor |" in table
     assert "| baseline | - |" in table and "| 8x8 | attention (SDPA) |" in table
     assert table.strip() in result.stdout
     with Image.open(out / "benchmark.png") as image:

@@ -53,12 +53,15 @@ def reference_lambda(layer: LambdaLayer, x: torch.Tensor, training: bool) -> tor
     h, k, u, v = layer.heads, layer.dim_k, layer.dim_u, layer.dim_v
     pixels = x.reshape(batch, dim, n_positions)  # [B, d, n]: channels stay channels
 
-    def project(conv):  # 1x1 conv, no bias: [B, d, n] -> [B, out, n]
-        return torch.einsum("od,bdn->bon", conv.weight.double()[:, :, 0, 0], pixels)
+    def project(weight):  # 1x1 conv, no bias: [B, d, n] -> [B, out, n]
+        return torch.einsum("od,bdn->bon", weight, pixels)
 
-    queries = _batch_norm(project(layer.to_q), layer.norm_q, training).reshape(batch, h, k, n_positions)
-    keys = project(layer.to_k).reshape(batch, u, k, n_positions)
-    values = _batch_norm(project(layer.to_v), layer.norm_v, training).reshape(batch, u, v, n_positions)
+    # to_qkv's output channels: queries (h, k), values (u, v), keys (u, k); norm_qv normalises the first two
+    weight_q, weight_v, weight_k = layer.to_qkv.weight.double()[:, :, 0, 0].split(layer.split_sizes)
+    normalised = _batch_norm(torch.cat([project(weight_q), project(weight_v)], dim=1), layer.norm_qv, training)
+    queries = normalised[:, :h * k].reshape(batch, h, k, n_positions)
+    keys = project(weight_k).reshape(batch, u, k, n_positions)
+    values = normalised[:, h * k:].reshape(batch, u, v, n_positions)
 
     out = torch.zeros(batch, h, v, n_positions, dtype=torch.float64)
     for b in range(batch):
@@ -85,11 +88,11 @@ def randomized_layer(dim=6, dim_out=8, heads=2, dim_k=3, dim_u=1, size=(3, 4), s
     """
     torch.manual_seed(seed)
     layer = LambdaLayer(dim, dim_out, heads=heads, dim_k=dim_k, dim_u=dim_u, size=size, **mode)
-    for norm in (layer.norm_q, layer.norm_v):
-        norm.weight.data.uniform_(0.5, 1.5)
-        norm.bias.data.normal_()
-        norm.running_mean.normal_()
-        norm.running_var.uniform_(0.5, 2.0)
+    norm = layer.norm_qv  # queries' and values' channels
+    norm.weight.data.uniform_(0.5, 1.5)
+    norm.bias.data.normal_()
+    norm.running_mean.normal_()
+    norm.running_var.uniform_(0.5, 2.0)
     return layer
 
 
@@ -160,11 +163,12 @@ def test_shared_embedding_and_initialisation():
     assert embedding.shape == (16, 16, 16, 1)
     # paper's init: queries N(0, (d k)^-1/2), keys and values N(0, d^-1/2), E ~ N(0, 1)
     big = LambdaLayer(256, heads=4, dim_k=16, size=8)
-    assert big.to_q.weight.std().item() == pytest.approx((256 * 16) ** -0.5, rel=0.1)
-    assert big.to_k.weight.std().item() == pytest.approx(256 ** -0.5, rel=0.1)
-    assert big.to_v.weight.std().item() == pytest.approx(256 ** -0.5, rel=0.1)
+    weight_q, weight_v, weight_k = big.to_qkv.weight.split(big.split_sizes)
+    assert weight_q.std().item() == pytest.approx((256 * 16) ** -0.5, rel=0.1)
+    assert weight_k.std().item() == pytest.approx(256 ** -0.5, rel=0.1)
+    assert weight_v.std().item() == pytest.approx(256 ** -0.5, rel=0.1)
     assert big.embedding.std().item() == pytest.approx(1.0, rel=0.05)
-    assert all(conv.bias is None for conv in (big.to_q, big.to_k, big.to_v))
+    assert big.to_qkv.bias is None
 
 
 def test_keys_are_normalised_over_context_positions():
@@ -172,10 +176,8 @@ def test_keys_are_normalised_over_context_positions():
     layer = randomized_layer(dim=4, dim_out=4, heads=1, dim_k=2, size=(2, 3)).eval()
     with torch.no_grad():
         layer.embedding.zero_()
-        layer.norm_v.weight.zero_()
-        layer.norm_v.bias.fill_(1.0)  # values: all ones
-        layer.norm_q.weight.zero_()
-        layer.norm_q.bias.fill_(1.0)  # queries: all ones
+        layer.norm_qv.weight.zero_()
+        layer.norm_qv.bias.fill_(1.0)  # queries and values: all ones
         out = layer(torch.randn(3, 4, 2, 3))
     # y = sum_k q_k * sum_m softmax(K)_km * 1 = k = 2 for every output
     torch.testing.assert_close(out, torch.full_like(out, 2.0))

@@ -12,14 +12,15 @@ import checkpoints
 import model_preparation as prep
 import user_input
 from conftest import SMOKE_FLAGS, refused_settings, run_main
-from lambda_layer import LambdaLayer, queries_first, reachable_kernel, relative_index
+from lambda_layer import LambdaLayer, reachable_kernel, relative_index
 from resnet_lambda import lambda_resnet50
 from test_lambda_layer import randomized_layer, reference_lambda
 
 # (position, r, map size): non-square maps; conv contexts smaller than, as large as, and larger than
 # the map (the taps no position can reach are cut away: lambda_layer.reachable_kernel)
-MODES = [("absolute", None, (3, 4)), ("relative", None, (3, 5)), ("conv", 3, (4, 5)), ("conv", 5, (3, 2)),
-         ("conv", 9, (2, 3))]
+# "relative" on maps of at most RELATIVE_AS_CONV_POSITIONS positions (2x2, 1x3) runs as a lambda convolution
+MODES = [("absolute", None, (3, 4)), ("relative", None, (3, 5)), ("relative", None, (2, 2)), ("relative", None, (1, 3)),
+         ("conv", 3, (4, 5)), ("conv", 5, (3, 2)), ("conv", 9, (2, 3))]
 MODE_IDS = [f"{p}-r{r}-{h}x{w}" if r else f"{p}-{h}x{w}" for p, r, (h, w) in MODES]
 
 
@@ -51,12 +52,8 @@ def test_float64_every_mode_matches_reference_tightly(position, r, size):
 
 
 @pytest.mark.parametrize("position", ["absolute", "relative"])
-def test_both_einsum_orders_match_the_reference(position):
-    """h 1, k 4, v 8 on a 3x4 map contracts queries with E first; h 2, k 3, v 4 the values first."""
-    assert queries_first(heads=1, dim_k=4, dim_u=2, dim_v=8, context=12)
-    assert not queries_first(heads=2, dim_k=3, dim_u=2, dim_v=4, context=12)
-    # the docstring's numbers: ImageNet stem c2 (8x8) queries first, CIFAR stem c2 (32x32) lambdas first
-    assert queries_first(4, 16, 1, 16, 64) and not queries_first(4, 16, 1, 16, 1024)
+def test_heads_wider_and_narrower_than_keys_match_the_reference(position):
+    """h 1, k 4, v 8 (h k < v) and h 2, k 3, v 4 (h k > v) on a 3x4 map, u 2 (the former einsum-order cases)."""
     for dim_out, heads, dim_k in ((8, 1, 4), (8, 2, 3)):
         layer = randomized_layer(dim_out=dim_out, heads=heads, dim_k=dim_k, dim_u=2, position=position).double().eval()
         x = torch.randn(2, 6, 3, 4, dtype=torch.float64)
@@ -78,8 +75,9 @@ def shifted_pattern_outputs(layer: LambdaLayer, size, shift) -> tuple[torch.Tens
 def equivariance_layer(position, r, size) -> LambdaLayer:
     """Eval mode with values' BatchNorm mapping 0 to 0, so the zeros around the pattern carry no values."""
     layer = randomized_layer(dim=4, dim_out=4, size=size, position=position, r=r, dim_u=2).eval()
-    layer.norm_v.running_mean.zero_()
-    layer.norm_v.bias.data.zero_()
+    values = slice(layer.heads * layer.dim_k, None)  # norm_qv's channels after the queries'
+    layer.norm_qv.running_mean[values] = 0
+    layer.norm_qv.bias.data[values] = 0
     return layer
 
 
@@ -342,3 +340,85 @@ def test_smoke_run(tmp_path, flags):
     assert f"{prep.count_parameters(prep.build_model(config)):,} parameters" in result.stdout
     (record,) = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert record["train_loss"] > 0 and record["test_loss"] > 0
+
+
+# --- kernels and compilation ---
+
+# kernel-launching aten ops (benchmark.KernelCount) of one forward + backward, u = 1, an 8x8 map, the
+# conv kernel cut to its reachable taps (r 23): the numbers lambda_layer's docstring quotes
+KERNELS = {("absolute", None, 8): 21, ("relative", None, 8): 23, ("relative", None, 2): 20, ("conv", 23, 8): 22,
+           ("conv", 7, 8): 20}
+
+
+@pytest.mark.parametrize("position, r, size", list(KERNELS), ids=[f"{p}-r{r}-{s}x{s}" for p, r, s in KERNELS])
+def test_kernel_count_per_layer(position, r, size):
+    """At most 24 kernel-launching ops per layer forward + backward (issue 12; the layer had 35-39)."""
+    from benchmark import KERNEL_TARGET, count_kernels, mixer_step
+
+    torch.manual_seed(0)
+    layer = LambdaLayer(16, heads=4, dim_k=4, size=size, position=position, r=r).train()
+    x = torch.randn(2, 16, size, size, requires_grad=True)
+    count = count_kernels(mixer_step(layer, x, torch.randn_like(layer(x))))
+    assert count == KERNELS[(position, r, size)] <= KERNEL_TARGET
+
+
+@pytest.mark.parametrize("position, r, size", [("absolute", None, (3, 4)), ("relative", None, (3, 5)),
+                                               ("conv", 5, (4, 3))], ids=["absolute", "relative", "conv"])
+def test_layer_compiles_without_graph_breaks(position, r, size):
+    """torch.compile(fullgraph=True) traces forward and backward whole (AOT autograd, no code generation:
+    fast) and gives the eager outputs and gradients."""
+    layer = mode_layer(position, r, size, dim_u=2).train()
+    x = torch.randn(2, 6, *size)
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    grads = []
+    for run in (layer, compiled):
+        layer.zero_grad(set_to_none=True)
+        out = run(x)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        grads.append([out.detach()] + [p.grad.clone() for p in layer.parameters()])
+    for eager, traced in zip(*grads):
+        torch.testing.assert_close(traced, eager, rtol=1e-4, atol=1e-5)
+
+
+def test_embedding_layout_survives_copies_and_checkpoints(tmp_path):
+    """The absolute E is indexed (n, m, k, u) but laid out (n, k, m, u) for its GEMM; .double(),
+    state_dict round trips and load_state_dict keep both, and the values stay those of E[n, m]."""
+    layer = randomized_layer(size=(3, 4)).double()
+    n, k = 12, layer.dim_k
+    assert layer.embedding.permute(0, 2, 1, 3).is_contiguous()
+    path = tmp_path / "layer.pt"
+    torch.save(layer.state_dict(), path)
+    other = randomized_layer(size=(3, 4), seed=1).double()
+    other.load_state_dict(torch.load(path))
+    assert other.embedding.stride() == layer.embedding.stride()
+    torch.testing.assert_close(other.embedding[5, 7], layer.embedding[5, 7])
+    assert other.to_qkv.weight.stride() == (6, 1, 6, 6)  # channels_last 1x1 kernel kept
+    assert tuple(other.embedding.shape) == (n, n, k, 1)
+
+
+def test_global_lambdas_gradients_match_autograd():
+    """GlobalLambdas' hand-written backward (E's gradient as one GEMM) against torch.autograd.gradcheck."""
+    from lambda_layer import GlobalLambdas
+
+    torch.manual_seed(0)
+    embedding = torch.randn(6, 8, dtype=torch.float64, requires_grad=True)  # n*k = 3*2, m*u = 4*2
+    keys = torch.randn(3, 8, 2, dtype=torch.float64, requires_grad=True)
+    values = torch.randn(3, 8, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(GlobalLambdas.apply, (embedding, keys, values))
+    assert torch.autograd.gradcheck(GlobalLambdas.apply, (embedding.detach().t().contiguous().t().requires_grad_(),
+                                                         keys, values[:, :, 1:]))  # strided operands
+
+
+def test_uncounted_norm_matches_batchnorm_and_converts_to_syncbatchnorm():
+    """The layer's norm is BatchNorm2d without the batch counter's increment: same outputs and running
+    statistics, the counter buffer kept (at 0), and SyncBatchNorm conversion (SYNC_BN) still works."""
+    from lambda_layer import UncountedBatchNorm2d
+
+    torch.manual_seed(0)
+    ours, plain = UncountedBatchNorm2d(5), torch.nn.BatchNorm2d(5)
+    x = torch.randn(4, 5, 3, 3) * 2 + 1
+    torch.testing.assert_close(ours(x), plain(x))
+    torch.testing.assert_close(ours.running_var, plain.running_var)
+    assert ours.num_batches_tracked == 0 and plain.num_batches_tracked == 1
+    converted = torch.nn.SyncBatchNorm.convert_sync_batchnorm(mode_layer("relative", None, (3, 5)))
+    assert isinstance(converted.norm_qv, torch.nn.SyncBatchNorm) and converted.norm_qv.num_batches_tracked is not None
