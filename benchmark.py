@@ -433,7 +433,7 @@ def step_kernels(model: nn.Module, args, device: torch.device) -> int:
     """Kernel-launching ops of one training forward + loss + backward (fp32), gradients None first."""
     model.to(device).train()
     images = torch.randn(args.batch_size, 3, 32, 32, device=device)
-    labels = torch.randint(0, prep.NUM_CLASSES, (args.batch_size,), device=device)
+    labels = torch.randint(0, distributed.unwrap(model).fc.out_features, (args.batch_size,), device=device)
     model.zero_grad(set_to_none=True)
     return count_kernels(lambda: F.cross_entropy(model(images), labels).backward())
 
