@@ -75,6 +75,8 @@ def build_parser() -> user_input._OneLineParser:
     parser.add_argument("--heads", type=int, default=4, help="lambda queries / attention heads h")
     parser.add_argument("--qk-size", type=int, default=16, help="lambda query/key size k")
     parser.add_argument("--lambda-r", type=int, default=23, help="local context r of the conv mode (odd)")
+    parser.add_argument("--depth", type=int, default=50, choices=user_input.CHOICES["depth"],
+                        help="ResNet depth of the model comparison (as DEPTH in user_input.py)")
     parser.add_argument("--amp", default="auto", choices=user_input.CHOICES["amp"], help="as AMP in user_input.py")
     parser.add_argument("--channels-last", default="auto", choices=user_input.CHOICES["channels_last"],
                         help="as CHANNELS_LAST in user_input.py")
@@ -204,7 +206,7 @@ def is_oom(error: BaseException) -> bool:
 
 def model_config(variant: dict, args) -> dict:
     config = dict(user_input.defaults(), **variant, batch_size=args.batch_size, channels_last=args.channels_last,
-                  compile=args.compile, amp=args.amp, device=args.device)
+                  compile=args.compile, amp=args.amp, device=args.device, depth=args.depth)
     user_input.validate(config)
     return config
 
@@ -214,7 +216,7 @@ def model_variants() -> list[dict]:
 
 
 def benchmark_model(variant: dict, args, device: torch.device, amp: str, build=prep.build_model) -> dict:
-    """Training and inference throughput and peak training memory of one ResNet-50 variant
+    """Training and inference throughput and peak training memory of one ResNet variant (--depth)
     (``build(config)`` makes the model: the identity-mixer floor of the mixer table passes its own)."""
     config = model_config(variant, args)
     torch.manual_seed(0)
@@ -224,7 +226,7 @@ def benchmark_model(variant: dict, args, device: torch.device, amp: str, build=p
     autocast, scaler = prep.autocast(amp, device), prep.build_scaler(amp, device)
     memory_format = torch.channels_last if user_input.switched_on(args.channels_last, device) else torch.contiguous_format
     images = torch.randn(args.batch_size, 3, 32, 32, device=device).contiguous(memory_format=memory_format)
-    labels = torch.randint(0, prep.NUM_CLASSES, (args.batch_size,), device=device)
+    labels = torch.randint(0, distributed.unwrap(model).fc.out_features, (args.batch_size,), device=device)
 
     def train_step():
         with autocast:
@@ -547,7 +549,7 @@ def step_kernels(model: nn.Module, args, device: torch.device) -> int:
     """Kernel-launching ops of one training forward + loss + backward (fp32), gradients None first."""
     model.to(device).train()
     images = torch.randn(args.batch_size, 3, 32, 32, device=device)
-    labels = torch.randint(0, prep.NUM_CLASSES, (args.batch_size,), device=device)
+    labels = torch.randint(0, distributed.unwrap(model).fc.out_features, (args.batch_size,), device=device)
     model.zero_grad(set_to_none=True)
     return count_kernels(lambda: F.cross_entropy(model(images), labels).backward())
 
@@ -687,7 +689,7 @@ def markdown(report: dict) -> str:
              f"1-minute load average at the start {report['machine']['load_average_1min_at_start']}.", "",
              f"Peak memory: {report['memory_method']}.", ""]
     if report["models"]:
-        lines += [f"## Models (32x32, ImageNet stem, batch {s['batch_size']})", "",
+        lines += [f"## Models (ResNet-{s.get('depth', 50)}, 32x32, ImageNet stem, batch {s['batch_size']})", "",
                   "| model | position | params | train img/s | inference img/s | train step ms | train peak MB |",
                   "|---|---|---|---|---|---|---|"]
         lines += [f"| {m['model']} | {m['position']} | {m['params']:,} | {m['train_img_s']:.1f} | {m['infer_img_s']:.1f} "

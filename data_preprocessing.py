@@ -1,8 +1,10 @@
-"""CIFAR-10 (or its offline synthetic stand-in), augmentation and data loaders.
+"""The data sets (CIFAR-10, CIFAR-100, the offline synthetic stand-in, your own image folders),
+augmentation and data loaders.
 
-Both data sets are read by torchvision's CIFAR10 class from a `cifar-10-batches-py` folder:
-CIFAR-10 from DATA_DIR (downloaded when missing), the synthetic set from DATA_DIR/synthetic,
-which this module writes in the same pickled format.
+CIFAR-10 and CIFAR-100 are read by torchvision's CIFAR10 and CIFAR100 classes from DATA_DIR
+(downloaded when missing), the synthetic set from DATA_DIR/synthetic, which this module writes in
+CIFAR-10's pickled format, and DATASET=folder by torchvision's ImageFolder from DATA_DIR/train and
+DATA_DIR/val (one sub-folder per class).
 
 Two loaders give the same batches in distribution: torchvision's DataLoader with the transforms
 below (worker processes, PIL), and ``DeviceLoader``, which moves the uint8 set to the device once
@@ -10,10 +12,13 @@ and augments whole batches there (GPU_LOADER; the default on CUDA).
 """
 from __future__ import annotations
 
+import functools
 import json
+import math
 import os
 import pickle
 import shutil
+import sys
 import tempfile
 
 import numpy as np
@@ -27,9 +32,18 @@ from user_input import ConfigError, switched_on
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)  # reproduction, Table 3
 CIFAR10_STD = (0.2023, 0.1994, 0.2010)
+CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)  # per-channel mean and std of CIFAR-100's training images
+CIFAR100_STD = (0.2673, 0.2564, 0.2762)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # torchvision's ImageNet values, for DATASET=folder
+IMAGENET_STD = (0.229, 0.224, 0.225)
+NORMALIZATION = {"cifar10": (CIFAR10_MEAN, CIFAR10_STD), "synthetic": (CIFAR10_MEAN, CIFAR10_STD),
+                 "cifar100": (CIFAR100_MEAN, CIFAR100_STD), "folder": (IMAGENET_MEAN, IMAGENET_STD)}
+CLASSES = {"cifar10": 10, "synthetic": 10, "cifar100": 100}  # DATASET=folder: one per class folder
 PADDING = 4  # pad 4 + random 32x32 crop (reproduction, Table 3)
 FOLDER = "cifar-10-batches-py"
 TRAIN_FILES = [f"data_batch_{i}" for i in range(1, 6)]
+CIFAR_SIZE = 32  # side of CIFAR images; IMAGE_SIZE above it switches to the random-resized crop
+IMAGE_EXTENSIONS = datasets.folder.IMG_EXTENSIONS  # what ImageFolder reads: .jpg, .png, ...
 
 # Synthetic classes: sinusoidal stripes told apart by orientation and frequency (cycles per image).
 # Random phase makes every pixel's distribution the same in all classes, so no single pixel
@@ -39,18 +53,26 @@ SYNTHETIC_CLASSES = [(orientation, cycles) for cycles in (2, 3.5, 6, 9)
 SYNTHETIC_VERSION = 1  # bump when the generator changes, so old files are rewritten
 
 
-def train_transform() -> transforms.Compose:
-    """Pad 4 + random 32x32 crop, horizontal flip p = 0.5, normalise (reproduction, Table 3)."""
-    return transforms.Compose([
-        transforms.RandomCrop(32, padding=PADDING),
-        transforms.RandomHorizontalFlip(p=0.5),
-        transforms.ToTensor(),
-        transforms.Normalize(CIFAR10_MEAN, CIFAR10_STD),
-    ])
+def train_transform(size: int = CIFAR_SIZE, mean=CIFAR10_MEAN, std=CIFAR10_STD, resize: bool = False
+                    ) -> transforms.Compose:
+    """At 32x32: pad 4 + random 32x32 crop, horizontal flip p = 0.5, normalise (reproduction, Table 3);
+    ``resize`` first brings images of another size to 32x32 (shorter side, centre crop). Larger:
+    random-resized crop (8-100 % of the area, aspect 3/4-4/3) and flip, as for ImageNet."""
+    if size > CIFAR_SIZE:
+        crop = [transforms.RandomResizedCrop(size, antialias=True)]
+    else:
+        crop = ([transforms.Resize(size, antialias=True), transforms.CenterCrop(size)] if resize else []) + \
+               [transforms.RandomCrop(size, padding=PADDING)]
+    return transforms.Compose([*crop, transforms.RandomHorizontalFlip(p=0.5), transforms.ToTensor(),
+                               transforms.Normalize(mean, std)])
 
 
-def test_transform() -> transforms.Compose:
-    return transforms.Compose([transforms.ToTensor(), transforms.Normalize(CIFAR10_MEAN, CIFAR10_STD)])
+def test_transform(size: int = CIFAR_SIZE, mean=CIFAR10_MEAN, std=CIFAR10_STD, resize: bool = False
+                   ) -> transforms.Compose:
+    """Normalise; ``resize``: first the shorter side to 8/7 of `size` (to `size` at 32) and a centre crop."""
+    resize_to = size if size <= CIFAR_SIZE else round(size * 8 / 7)  # 256 for 224, as for ImageNet
+    crop = [transforms.Resize(resize_to, antialias=True), transforms.CenterCrop(size)] if resize else []
+    return transforms.Compose([*crop, transforms.ToTensor(), transforms.Normalize(mean, std)])
 
 
 class SyntheticCIFAR10(datasets.CIFAR10):
@@ -124,42 +146,90 @@ def write_synthetic(root: str, train_size: int, test_size: int, seed: int) -> st
     return synthetic_root
 
 
-def _refuse_damaged_cifar10(folder: str) -> None:
-    """ConfigError naming the first file of an existing CIFAR-10 folder that fails its md5 check:
+CIFAR = {"cifar10": (datasets.CIFAR10, "CIFAR-10", "data_batch_1..5, test_batch, batches.meta"),
+         "cifar100": (datasets.CIFAR100, "CIFAR-100", "train, test, meta")}  # reader, name, files
+
+
+def _refuse_damaged_cifar(reader: type, name: str, folder: str) -> None:
+    """ConfigError naming the first file of an existing CIFAR folder that fails its md5 check:
     the user's files are never overwritten by a download."""
     if not os.path.exists(folder):
         return
-    cifar = datasets.CIFAR10
-    for name, md5 in cifar.train_list + cifar.test_list + [[cifar.meta["filename"], cifar.meta["md5"]]]:
-        if not check_integrity(os.path.join(folder, name), md5):
-            raise ConfigError(f"CIFAR-10 file {os.path.join(folder, name)} is missing or corrupt (its md5 "
-                              f"differs); delete {folder} to download CIFAR-10 again")
-    raise ConfigError(f"CIFAR-10 in {folder} cannot be read; delete that folder to download it again")
+    for filename, md5 in reader.train_list + reader.test_list + [[reader.meta["filename"], reader.meta["md5"]]]:
+        if not check_integrity(os.path.join(folder, filename), md5):
+            raise ConfigError(f"{name} file {os.path.join(folder, filename)} is missing or corrupt (its md5 "
+                              f"differs); delete {folder} to download {name} again")
+    raise ConfigError(f"{name} in {folder} cannot be read; delete that folder to download it again")
 
 
-def _cifar10(root: str, train: bool, transform) -> datasets.CIFAR10:
-    """torchvision's CIFAR-10 from root/cifar-10-batches-py, downloading only when it is missing."""
+def _cifar(dataset: str, root: str, train: bool, transform) -> datasets.CIFAR10:
+    """torchvision's CIFAR10 or CIFAR100 from root/<its folder>, downloading only when it is missing."""
+    reader, name, files = CIFAR[dataset]
     try:
-        return datasets.CIFAR10(root, train=train, transform=transform, download=False)
+        return reader(root, train=train, transform=transform, download=False)
     except RuntimeError:  # missing, or failing its md5 check
-        _refuse_damaged_cifar10(os.path.join(root, FOLDER))
+        _refuse_damaged_cifar(reader, name, os.path.join(root, reader.base_folder))
     try:
-        return datasets.CIFAR10(root, train=train, transform=transform, download=True)
+        return reader(root, train=train, transform=transform, download=True)
     except Exception as error:  # offline, unwritable, or a corrupt archive: all fixable by the user
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise ConfigError(
-            f"CIFAR-10 not found in {os.path.join(root, FOLDER)} and could not be downloaded ({reason}); "
-            f"put the python version of CIFAR-10 there (data_batch_1..5, test_batch, batches.meta) "
+            f"{name} not found in {os.path.join(root, reader.base_folder)} and could not be downloaded ({reason}); "
+            f"put the python version of {name} there ({files}) "
             f"or run the offline demo with --dataset synthetic") from None
 
 
+def folder_classes(root: str) -> list[str]:
+    """The class folders of root/train, checked against root/val: ConfigError naming what is expected."""
+    expected = f"DATASET=folder expects images in {os.path.join(root, 'train', '<class>')}/ and " \
+               f"{os.path.join(root, 'val', '<class>')}/"
+    found = {}
+    for split in ("train", "val"):
+        path = os.path.join(root, split)
+        if not os.path.isdir(path):
+            raise ConfigError(f"{expected}; {path} is not a folder")
+        found[split] = sorted(entry.name for entry in os.scandir(path) if entry.is_dir())
+        if not found[split]:
+            raise ConfigError(f"{expected}; {path} has no class folders")
+        for name in found[split]:
+            folder = os.path.join(path, name)
+            if not any(f.lower().endswith(IMAGE_EXTENSIONS) for _, _, files in os.walk(folder) for f in files):
+                raise ConfigError(f"{expected}; {folder} has no images ({', '.join(IMAGE_EXTENSIONS[:4])}, ...)")
+    if found["train"] != found["val"]:
+        differ = sorted(set(found["train"]) ^ set(found["val"]))
+        raise ConfigError(f"{expected}, with the same classes in both; only one of them has {', '.join(differ)}")
+    return found["train"]
+
+
+def num_classes(config: dict) -> int:
+    """Classes of the configured data set (DATASET=folder: its class folders)."""
+    if config["dataset"] == "folder":
+        return len(folder_classes(config["data_dir"]))
+    return CLASSES[config["dataset"]]
+
+
+def _image_folders(config: dict) -> tuple[Dataset, Dataset]:
+    root, size = config["data_dir"], config["image_size"]
+    folder_classes(root)
+    mean, std = NORMALIZATION["folder"]
+    try:
+        return (datasets.ImageFolder(os.path.join(root, "train"), train_transform(size, mean, std, resize=True)),
+                datasets.ImageFolder(os.path.join(root, "val"), test_transform(size, mean, std, resize=True)))
+    except (OSError, RuntimeError) as error:
+        raise ConfigError(f"cannot read the images under {root} ({error})") from None
+
+
 def build_datasets(config: dict) -> tuple[Dataset, Dataset]:
-    """(train, test) data sets with the reproduction's transforms."""
-    root = config["data_dir"]
+    """(train, test) data sets with their transforms (the reproduction's for the CIFAR sets)."""
+    root, dataset = config["data_dir"], config["dataset"]
     if os.path.exists(root) and not os.path.isdir(root):
         raise ConfigError(f"DATA_DIR={root!r} is a file; point --data-dir at a folder")
-    if config["dataset"] == "cifar10":
-        return _cifar10(root, True, train_transform()), _cifar10(root, False, test_transform())
+    if dataset == "folder":
+        return _image_folders(config)
+    mean, std = NORMALIZATION[dataset]
+    if dataset in CIFAR:
+        return (_cifar(dataset, root, True, train_transform(mean=mean, std=std)),
+                _cifar(dataset, root, False, test_transform(mean=mean, std=std)))
     synthetic_root = write_synthetic(root, config["synthetic_train_size"], config["synthetic_test_size"],
                                      config["seed"])
     try:
@@ -168,6 +238,25 @@ def build_datasets(config: dict) -> tuple[Dataset, Dataset]:
     except Exception as error:
         raise ConfigError(f"could not read the synthetic data in {synthetic_root} ({error}); "
                           f"delete that folder to have it written again") from None
+
+
+def superclasses(dataset: Dataset) -> list[tuple[str, list[int]]]:
+    """CIFAR-100's 20 superclasses as (name, [class indices]), read from its files; [] for other data."""
+    if not isinstance(dataset, datasets.CIFAR100):
+        return []
+    return _superclasses(os.path.join(dataset.root, dataset.base_folder), dataset.meta["filename"],
+                         dataset.test_list[0][0])
+
+
+@functools.lru_cache(maxsize=4)
+def _superclasses(folder: str, meta: str, test: str) -> list[tuple[str, list[int]]]:
+    with open(os.path.join(folder, meta), "rb") as f:
+        names = pickle.load(f, encoding="latin1")["coarse_label_names"]
+    with open(os.path.join(folder, test), "rb") as f:
+        labels = pickle.load(f, encoding="latin1")
+    members = [sorted({fine for fine, c in zip(labels["fine_labels"], labels["coarse_labels"]) if c == coarse})
+               for coarse in range(len(names))]
+    return list(zip(names, members))
 
 
 def random_crop_flip(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -189,27 +278,84 @@ def random_crop_flip(images: torch.Tensor, generator: torch.Generator) -> torch.
     return crops.permute(0, 3, 1, 2).contiguous()                                           # B, 3, H, W
 
 
-class DeviceLoader:
-    """Batches of a CIFAR10 data set made on the device, without worker processes.
+def random_resized_crop_flip(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """A crop of 8-100 % of the area with aspect 3/4-4/3 at a uniform place, resized to the input's
+    size (bilinear), flipped with p = 0.5: per image, on the device, as one affine grid_sample.
 
-    The uint8 images move to the device once (150 MB for CIFAR-10's training set); each epoch
-    draws its order, crops and flips from ``generator`` (a generator on the same device), so no
-    step waits for the host. Yields normalised float images and labels, like the DataLoader with
-    train_transform() (``train=True``: shuffled, augmented, last partial batch dropped) or
-    test_transform() (in order, every image).
+    The batch-wise twin of RandomResizedCrop + RandomHorizontalFlip on uint8 [B, 3, S, S], except
+    that a crop wider or taller than the image is clamped to it (torchvision draws again). Returns
+    float [B, 3, S, S] in 0..255.
+    """
+    b, _, height, width = images.shape
+    device = images.device
+    area = torch.empty(b, device=device).uniform_(0.08, 1.0, generator=generator)                   # B
+    ratio = torch.empty(b, device=device).uniform_(math.log(3 / 4), math.log(4 / 3), generator=generator).exp()
+    crop_w, crop_h = (area * ratio).sqrt().clamp(max=1.0), (area / ratio).sqrt().clamp(max=1.0)      # B, B
+    centre = (torch.rand(2, b, generator=generator, device=device) * 2 - 1) * (1 - torch.stack([crop_w, crop_h]))
+    flip = torch.where(torch.rand(b, generator=generator, device=device) < 0.5, -1.0, 1.0)         # B
+    theta = torch.zeros(b, 2, 3, device=device)  # output (x, y) in [-1, 1] -> input (x, y)
+    theta[:, 0, 0], theta[:, 0, 2] = crop_w * flip, centre[0]
+    theta[:, 1, 1], theta[:, 1, 2] = crop_h, centre[1]
+    grid = F.affine_grid(theta, [b, 3, height, width], align_corners=False)                         # B, S, S, 2
+    return F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def normalization_of(dataset: Dataset) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Mean and std of the Normalize transform of the data set's transform; CIFAR-10's for a data
+    set without one (a bare array set, as the DeviceLoader always assumed before)."""
+    steps = getattr(getattr(dataset, "transform", None), "transforms", [])
+    normalize = next((t for t in steps if isinstance(t, transforms.Normalize)), None)
+    if normalize is None:
+        return CIFAR10_MEAN, CIFAR10_STD
+    return tuple(normalize.mean), tuple(normalize.std)
+
+
+def decoded_images(dataset: Dataset, train: bool) -> np.ndarray:
+    """The data set's images as uint8 [N, S, S, 3]: a CIFAR set's own array, or an ImageFolder's
+    files decoded and brought to the size of its transform (training: shorter side to S and the
+    centre crop, from which the device's random-resized crop draws, where the DataLoader's draws
+    from the whole file; test: the test transform's own resize and crop)."""
+    if hasattr(dataset, "data"):
+        return dataset.data
+    size = next(t.size for t in dataset.transform.transforms
+                if isinstance(t, (transforms.RandomResizedCrop, transforms.CenterCrop)))
+    geometry = [transforms.Resize(list(size)[0], antialias=True), transforms.CenterCrop(size)] if train else \
+        [t for t in dataset.transform.transforms if isinstance(t, (transforms.Resize, transforms.CenterCrop))]
+    resize = transforms.Compose(geometry)
+    return np.stack([np.asarray(resize(dataset.loader(path).convert("RGB"))) for path, _ in dataset.samples])
+
+
+class DeviceLoader:
+    """Batches of a data set made on the device, without worker processes.
+
+    The uint8 images move to the device once (150 MB for CIFAR-10's training set; an ImageFolder
+    is decoded first, see decoded_images); each epoch draws its order and augmentation from
+    ``generator`` (a generator on the same device), so no step waits for the host: at 32x32 the
+    pad-4 crop and flip of train_transform(), above it the random-resized crop and flip. Yields
+    normalised float images and labels, like the DataLoader with the data set's training
+    transform (``train=True``: shuffled, augmented, last partial batch dropped) or its test
+    transform (in order, every image).
     """
 
-    def __init__(self, dataset: datasets.CIFAR10, batch_size: int, device: torch.device, train: bool,
+    def __init__(self, dataset: Dataset, batch_size: int, device: torch.device, train: bool,
                  generator: torch.Generator | None = None, rank: int = 0, world: int = 1):
         self.dataset, self.batch_size, self.train = dataset, batch_size, train
         self.rank, self.world = rank, world  # under torchrun: this process's share of every epoch
-        self.images = torch.from_numpy(dataset.data).to(device).permute(0, 3, 1, 2).contiguous()  # N, 3, 32, 32
+        images = torch.from_numpy(decoded_images(dataset, train))                                  # N, S, S, 3
+        self.images = images.to(device).permute(0, 3, 1, 2).contiguous()                          # N, 3, S, S
         self.labels = torch.as_tensor(dataset.targets, device=device)                             # N
         self.generator = generator if generator is not None else torch.Generator(device=device)
-        self.mean = 255 * torch.tensor(CIFAR10_MEAN, device=device).view(1, 3, 1, 1)
-        self.std = 255 * torch.tensor(CIFAR10_STD, device=device).view(1, 3, 1, 1)
+        mean, std = normalization_of(dataset)
+        self.mean = 255 * torch.tensor(mean, device=device).view(1, 3, 1, 1)
+        self.std = 255 * torch.tensor(std, device=device).view(1, 3, 1, 1)
         # as in build_loaders: a last batch of one image would break BatchNorm on the 1x1 maps of c5
         self.drop_last = train and len(self.labels) > batch_size * world
+
+    def augment(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 [B, 3, S, S] -> augmented [B, 3, S, S] (0..255)."""
+        if images.shape[-1] > CIFAR_SIZE:
+            return random_resized_crop_flip(images, self.generator)
+        return random_crop_flip(images, self.generator)
 
     def __len__(self) -> int:
         if not self.train:  # every rank's share of the test set, each image once
@@ -232,7 +378,7 @@ class DeviceLoader:
         global_batch = self.batch_size * self.world
         for step in range(len(self)):
             index = order[step * global_batch:(step + 1) * global_batch]
-            images = random_crop_flip(self.images[index], self.generator)[self.rank::self.world]
+            images = self.augment(self.images[index])[self.rank::self.world]
             yield (images.float() - self.mean) / self.std, self.labels[index][self.rank::self.world]
 
 
@@ -247,7 +393,7 @@ def build_loaders(config: dict, device: torch.device, rank: int = 0, world: int 
     so that together the ranks see every test image exactly once.
     """
     train_set, test_set = build_datasets(config)
-    if switched_on(config["gpu_loader"], device):
+    if switched_on(config["gpu_loader"], device) and fits_on_device((train_set, test_set), config["image_size"], device):
         generator = torch.Generator(device=device)
         return (DeviceLoader(train_set, config["batch_size"], device, train=True, generator=generator,
                              rank=rank, world=world),
@@ -265,6 +411,23 @@ def build_loaders(config: dict, device: torch.device, rank: int = 0, world: int 
     train_loader = DataLoader(train_set, sampler=sampler, drop_last=len(sampler) > config["batch_size"], **common)
     test_loader = DataLoader(test_set, sampler=shard(len(test_set), rank, world), **common)
     return train_loader, test_loader, generator
+
+
+def fits_on_device(sets: tuple[Dataset, ...], size: int, device: torch.device) -> bool:
+    """Whether the decoded uint8 images of the data sets take at most half of the device's free
+    memory (the host's available memory for the CPU); prints on stderr when they do not."""
+    needed = sum(len(dataset) for dataset in sets) * 3 * size * size
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    elif hasattr(os, "sysconf") and "SC_AVPHYS_PAGES" in os.sysconf_names:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    else:
+        return True
+    if needed <= free / 2:
+        return True
+    print(f"warning: the decoded images need {needed / 2 ** 30:.1f} GiB, more than half of the "
+          f"{free / 2 ** 30:.1f} GiB free on {device}; loading them with the DataLoader instead", file=sys.stderr)
+    return False
 
 
 def shard(count: int, rank: int, world: int) -> range:
@@ -288,9 +451,9 @@ def seed_epoch(generator: torch.Generator, seed: int, epoch: int, train_loader=N
         train_loader.sampler.set_epoch(epoch)
 
 
-def denormalize(images: torch.Tensor) -> torch.Tensor:
-    mean = torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(CIFAR10_STD).view(1, 3, 1, 1)
+def denormalize(images: torch.Tensor, mean=CIFAR10_MEAN, std=CIFAR10_STD) -> torch.Tensor:
+    mean = torch.tensor(mean).view(1, 3, 1, 1)
+    std = torch.tensor(std).view(1, 3, 1, 1)
     return (images * std + mean).clamp(0, 1)
 
 
@@ -299,4 +462,4 @@ def sample_grid(train_set: Dataset, seed: int, count: int = 64) -> torch.Tensor:
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         images = torch.stack([train_set[i][0] for i in range(min(count, len(train_set)))])
-    return utils.make_grid(denormalize(images), nrow=8, padding=2)
+    return utils.make_grid(denormalize(images, *normalization_of(train_set)), nrow=8, padding=2)

@@ -117,13 +117,21 @@ class RunLogger:
                   f"lr {record['lr']:.2e}  {record['epoch_time_s']:.1f} s  "
                   f"{record['train_img_per_s']:.0f} img/s")
 
-    def evaluation(self, epoch: int, confusion: torch.Tensor, class_names: Sequence[str]) -> None:
-        """Per-class test accuracy scalars and the confusion-matrix figure of one evaluation."""
-        for name, accuracy in zip(class_names, per_class_accuracy(confusion)):
+    def evaluation(self, epoch: int, confusion: torch.Tensor, class_names: Sequence[str],
+                   groups: Sequence[tuple[str, Sequence[int]]] = ()) -> None:
+        """Per-class test accuracy scalars and the confusion-matrix image of one evaluation. With
+        `groups` (CIFAR-100's 20 superclasses: name, class indices) one scalar per group, the top-1
+        accuracy over its classes' images, and the confusion matrix between the groups."""
+        tag, names, accuracies = "Accuracy_per_class", class_names, per_class_accuracy(confusion)
+        if groups:
+            tag, names = "Accuracy_per_superclass", [name for name, _ in groups]
+            accuracies = [group_accuracy(confusion, members) for _, members in groups]
+            confusion = grouped_confusion(confusion, [members for _, members in groups])
+        for name, accuracy in zip(names, accuracies):
             if not math.isnan(accuracy):  # a class absent from a capped (--max-batches) evaluation
-                self.writer.add_scalar(f"Accuracy_per_class/{name}", accuracy, epoch)
-        self.writer.add_figure("Confusion/test", confusion_figure(confusion, class_names, f"test set, epoch {epoch}"),
-                               epoch)
+                self.writer.add_scalar(f"{tag}/{name}", accuracy, epoch)
+        title = f"test set, epoch {epoch}" + (", superclasses" if groups else "")
+        self.writer.add_figure("Confusion/test", confusion_figure(confusion, names, title), epoch)
         self.writer.flush()
 
     def hparams(self) -> None:
@@ -164,3 +172,22 @@ def per_class_accuracy(confusion: torch.Tensor) -> list[float]:
     """Top-1 accuracy % of each true class (rows of `confusion`); NaN for a class with no images."""
     confusion = torch.as_tensor(confusion, dtype=torch.float64)
     return (100.0 * confusion.diagonal() / confusion.sum(dim=1)).tolist()  # 0 / 0 -> NaN
+
+
+def group_accuracy(confusion: torch.Tensor, members: Sequence[int]) -> float:
+    """Top-1 accuracy % over the images whose true class is one of `members`; NaN if there are none."""
+    confusion = torch.as_tensor(confusion, dtype=torch.float64)
+    rows = confusion[list(members)]                                   # members, classes
+    return (100.0 * rows[:, list(members)].diagonal().sum() / rows.sum()).item()
+
+
+def grouped_confusion(confusion: torch.Tensor, groups: Sequence[Sequence[int]]) -> torch.Tensor:
+    """The confusion matrix between groups of classes: [g, g'] counts images of a class of group g
+    predicted as a class of group g' (classes in no group are left out)."""
+    owner = torch.full((confusion.shape[0],), -1, dtype=torch.long)  # class -> its group; -1: in none
+    for index, members in enumerate(groups):
+        owner[list(members)] = index
+    flat = owner[:, None] * len(groups) + owner[None, :]              # classes, classes: (g, g') cell
+    kept = (owner[:, None] >= 0) & (owner[None, :] >= 0)              # classes, classes
+    counts = torch.zeros(len(groups) ** 2, dtype=torch.long).index_add_(0, flat[kept], confusion.long()[kept])
+    return counts.view(len(groups), len(groups))

@@ -1,4 +1,5 @@
-"""Train a ResNet-50 or a lambda ResNet-50 on CIFAR-10: `python main_general.py [--flags]`.
+"""Train a ResNet or a lambda ResNet (DEPTH 26, 50, 101) on CIFAR-10, CIFAR-100 or your own image
+folders: `python main_general.py [--flags]`.
 
 Settings come from user_input.py, overridden by flags (`--help` lists them). Watch the run with
 `tensorboard --logdir runs`.
@@ -153,7 +154,7 @@ class SilentLogger:
     def config(self, config: dict) -> None: ...
     def samples(self, grid) -> None: ...
     def epoch(self, record: dict, epochs: int) -> None: ...
-    def evaluation(self, epoch: int, confusion, class_names) -> None: ...
+    def evaluation(self, epoch: int, confusion, class_names, groups=()) -> None: ...
     def summary(self) -> str: return ""
     def close(self) -> None: ...
 
@@ -236,7 +237,7 @@ def checkpoint_of(training: prep.Training, next_epoch: int, best: dict, config: 
 def log_start(logger, config: dict, training: prep.Training, device: torch.device, checkpoint: dict | None,
               start_epoch: int, folders: tuple[str, str]) -> None:
     """The opening lines of log.txt: model, data, settings, speed, torchrun, resume, folders."""
-    logger.text(f"{config['model']} ResNet-50, {prep.count_parameters(training.model):,} parameters, on {device}; "
+    logger.text(f"{config['model']} ResNet-{config['depth']}, {prep.count_parameters(training.model):,} parameters, on {device}; "
                 f"{len(training.train_loader.dataset)} train / {len(training.test_loader.dataset)} test images "
                 f"({config['dataset']})")
     logger.text("config: " + ", ".join(f"{k}={v!r}" for k, v in config.items()))
@@ -288,7 +289,8 @@ def train_epochs(config: dict, training: prep.Training, device: torch.device, st
         if improved:
             best = {"acc": record["test_acc"], "epoch": epoch + 1}
         logger.epoch(record, config["epochs"])
-        logger.evaluation(epoch + 1, confusion, training.test_loader.dataset.classes)
+        test_set = training.test_loader.dataset
+        logger.evaluation(epoch + 1, confusion, test_set.classes, data_preprocessing.superclasses(test_set))
         if distributed.is_main():
             checkpoints.save_checkpoints(checkpoint_of(training, epoch + 1, best, config), checkpoint_dir, improved,
                                          config["checkpoint_every"])

@@ -19,14 +19,14 @@ from distributed import distribute, unwrap
 from label_smoothing import LabelSmoothingLoss
 from lambda_layer import POSITIONS
 from nntrain import EagerStep
-from resnet import resnet50
-from resnet_lambda import lambda_resnet50
-from user_input import ConfigError, parse_config, switched_on
+from resnet import resnet
+from resnet_lambda import lambda_resnet
+from user_input import ConfigError, defaults, parse_config, switched_on
 
-NUM_CLASSES = 10
-# Settings that define the network's structure: a checkpoint only resumes with the same ones.
-MODEL_KEYS = ("model", "stem", "heads", "qk_size", "lambda_position", "lambda_r", "lambda_u", "lambda_stages")
-IMAGE_SIZE = 32  # CIFAR-10 images are 32x32
+# Settings that define the network's structure and its data: a checkpoint only resumes with the same ones.
+MODEL_KEYS = ("model", "depth", "stem", "dataset", "image_size", "heads", "qk_size", "lambda_position", "lambda_r",
+              "lambda_u", "lambda_stages")
+LAMBDA_KEYS = ("heads", "qk_size", "lambda_position", "lambda_r", "lambda_u", "lambda_stages")  # no baseline's
 
 
 def select_device(name: str) -> torch.device:
@@ -184,11 +184,15 @@ def build_training(config: dict, device: torch.device) -> Training:
 
 
 def build_model(config: dict) -> nn.Module:
+    """The network of these settings, with as many classes as the data set has (counted from the
+    class folders for DATASET=folder: a ConfigError when they are missing)."""
+    classes = data_preprocessing.num_classes(config)
     if config["model"] == "baseline":
-        return resnet50(NUM_CLASSES, config["stem"], config["zero_init_residual"])
-    return lambda_resnet50(NUM_CLASSES, config["stem"], config["heads"], config["qk_size"], image_size=IMAGE_SIZE,
-                           zero_init_residual=config["zero_init_residual"], position=config["lambda_position"],
-                           r=config["lambda_r"], dim_u=config["lambda_u"], stages=config["lambda_stages"])
+        return resnet(config["depth"], classes, config["stem"], config["zero_init_residual"])
+    return lambda_resnet(classes, config["stem"], config["heads"], config["qk_size"], image_size=config["image_size"],
+                         zero_init_residual=config["zero_init_residual"], position=config["lambda_position"],
+                         r=config["lambda_r"], dim_u=config["lambda_u"], stages=config["lambda_stages"],
+                         depth=config["depth"])
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -200,8 +204,9 @@ TABLE_STAGES = ("LLLL", "CCLL", "CCCL")  # all lambda, and the paper's two hybri
 
 def parameter_table(config: dict) -> str:
     """Markdown table of the parameter counts of the baseline and each lambda variant at these settings."""
-    settings = (f"stem {config['stem']}, h {config['heads']}, k {config['qk_size']}, u {config['lambda_u']}, "
-                f"r {config['lambda_r']} (conv only), {NUM_CLASSES} classes, {IMAGE_SIZE}x{IMAGE_SIZE} images")
+    size, classes = config["image_size"], data_preprocessing.num_classes(config)
+    settings = (f"depth {config['depth']}, stem {config['stem']}, h {config['heads']}, k {config['qk_size']}, "
+                f"u {config['lambda_u']}, r {config['lambda_r']} (conv only), {classes} classes, {size}x{size} images")
     rows = [f"Parameters at {settings}:", "", "| model | position | stages | parameters |", "|---|---|---|---|",
             f"| baseline | - | CCCC | {count_parameters(build_model({**config, 'model': 'baseline'})):,} |"]
     for position in POSITIONS:
@@ -247,17 +252,24 @@ def build_criterion(config: dict) -> nn.Module:
     return LabelSmoothingLoss(config["label_smoothing"])
 
 
+def shaping_keys(config: dict) -> tuple[str, ...]:
+    """The MODEL_KEYS that shape `config`'s network: lambda settings do not shape a baseline, and
+    LAMBDA_R only shapes the "conv" mode."""
+    if config["model"] == "baseline":
+        return tuple(key for key in MODEL_KEYS if key not in LAMBDA_KEYS)
+    if config["lambda_position"] != "conv":
+        return tuple(key for key in MODEL_KEYS if key != "lambda_r")
+    return MODEL_KEYS
+
+
 def model_differences(saved: dict, config: dict) -> list[str]:
     """The settings shaping `config`'s network that differ in `saved`, as "KEY=saved (now new)".
 
-    Lambda settings do not shape a baseline, and LAMBDA_R only shapes the "conv" mode.
+    A setting that `saved` lacks (a checkpoint older than the setting) counts as its default.
     """
-    keys = MODEL_KEYS
-    if config["model"] == "baseline":
-        keys = ("model", "stem")
-    elif config["lambda_position"] != "conv":
-        keys = tuple(key for key in MODEL_KEYS if key != "lambda_r")
-    return [f"{key.upper()}={saved.get(key)!r} (now {config[key]!r})" for key in keys if saved.get(key) != config[key]]
+    saved = {**defaults(), **saved}
+    return [f"{key.upper()}={saved[key]!r} (now {config[key]!r})" for key in shaping_keys(config)
+            if saved[key] != config[key]]
 
 
 def resolve_resume(config: dict) -> dict | None:

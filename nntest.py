@@ -65,7 +65,7 @@ def evaluate_confusion(model: nn.Module, loader: DataLoader, criterion: nn.Modul
         confusion.scatter_add_(0, cells, torch.ones_like(cells))
         seen += labels.size(0)
     if distributed.distributed():  # a rank with no test batch still joins the sums
-        classes = prep.NUM_CLASSES if confusion is None else classes
+        classes = distributed.unwrap(model).fc.out_features if confusion is None else classes
         confusion = torch.zeros(classes * classes, device=device, dtype=torch.long) if confusion is None else confusion
         seen_all = torch.tensor(seen, device=device)
         distributed.all_reduce_sum(loss_sum, confusion, seen_all)
@@ -139,7 +139,7 @@ def evaluate_checkpoint(path: str, overrides: dict, out_dir: str) -> dict:
 
 def report(config: dict, checkpoint: dict, confusion: torch.Tensor, class_names, loss: float, accuracy: float):
     images = int(confusion.sum())
-    print(f"{config['model']} ResNet-50 of run {config['run_name']!r}, after epoch {checkpoint.get('epoch', '?')}; "
+    print(f"{config['model']} ResNet-{config['depth']} of run {config['run_name']!r}, after epoch {checkpoint.get('epoch', '?')}; "
           f"{images} test images ({config['dataset']})")
     print(f"top-1 accuracy {accuracy:.2f}%  test loss {loss:.4f}")
     width = max(len(name) for name in class_names)

@@ -1,7 +1,8 @@
-"""ResNet-50 v1.5 (He et al. 2016; stride on the 3x3 conv as in torchvision).
+"""Bottleneck ResNets v1.5 of depth 26, 50 and 101 (He et al. 2016; stride on the 3x3 conv as in torchvision).
 
-The module names and parameter shapes are torchvision's, so a ``torchvision.models.resnet50``
-state_dict loads into ``resnet50()``. The bottleneck's spatial mixer (``conv2``) is built by a
+The module names and parameter shapes are torchvision's, so a ``torchvision.models.resnet50`` or
+``resnet101`` state_dict loads into ``resnet(50)`` or ``resnet(101)``. Depth 26 has two
+bottlenecks per stage (as in timm's resnet26 and Bello 2021's smallest LambdaResNet). The bottleneck's spatial mixer (``conv2``) is built by a
 factory, which is how ``resnet_lambda.py`` swaps the 3x3 convolutions for lambda layers.
 """
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch.nn as nn
 # mixer(width, stride, stage, block) -> module mapping [B, width, H, W] to [B, width, H/stride, W/stride]
 MixerFactory = Callable[[int, int, int, int], nn.Module]
 
-STAGE_BLOCKS = (3, 4, 6, 3)      # ResNet-50: bottlenecks in stages c2, c3, c4, c5
+DEPTH_BLOCKS = {26: (2, 2, 2, 2), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}  # bottlenecks in stages c2-c5
 STAGE_WIDTHS = (64, 128, 256, 512)  # bottleneck widths; outputs are 4x wider
 STEMS = ("imagenet", "cifar")
 
@@ -53,10 +54,12 @@ class Bottleneck(nn.Module):
 
 
 class ResNet(nn.Module):
-    """ResNet-50 with a choice of stem and of the bottlenecks' spatial mixer.
+    """Bottleneck ResNet with a choice of depth, of stem and of the bottlenecks' spatial mixer.
 
     Args:
         num_classes: size of the classifier.
+        depth: 26, 50 or 101; the stages c2-c5 hold DEPTH_BLOCKS[depth] bottlenecks (3 layers each,
+            plus the stem and the classifier: 3 x 8 + 2 = 26, 3 x 16 + 2 = 50, 3 x 33 + 2 = 101).
         stem: "imagenet" (7x7 stride-2 conv + 3x3 max-pool: a 32x32 image gives 8x8 maps in c2)
             or "cifar" (3x3 stride-1 conv, no max-pool: 32x32 maps in c2).
         zero_init_residual: start every bottleneck's last BatchNorm gamma at zero.
@@ -64,10 +67,12 @@ class ResNet(nn.Module):
     """
 
     def __init__(self, num_classes: int = 10, stem: str = "imagenet", zero_init_residual: bool = True,
-                 mixer: MixerFactory = conv3x3_mixer):
+                 mixer: MixerFactory = conv3x3_mixer, depth: int = 50):
         super().__init__()
         if stem not in STEMS:
             raise ValueError(f"stem must be one of {STEMS}, got {stem!r}")
+        if depth not in DEPTH_BLOCKS:
+            raise ValueError(f"depth must be one of {tuple(DEPTH_BLOCKS)}, got {depth!r}")
         if stem == "imagenet":
             self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
             self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
@@ -77,7 +82,7 @@ class ResNet(nn.Module):
         self.bn1 = nn.BatchNorm2d(64)
         self.relu = nn.ReLU(inplace=True)
         inplanes = 64
-        for stage, (blocks, width) in enumerate(zip(STAGE_BLOCKS, STAGE_WIDTHS)):
+        for stage, (blocks, width) in enumerate(zip(DEPTH_BLOCKS[depth], STAGE_WIDTHS)):
             layers = []
             for block in range(blocks):
                 stride = 2 if stage > 0 and block == 0 else 1
@@ -110,6 +115,11 @@ class ResNet(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
+def resnet(depth: int = 50, num_classes: int = 10, stem: str = "imagenet", zero_init_residual: bool = True) -> ResNet:
+    """ResNet v1.5 of this depth: the baseline (ResNet-50, the reproduction's: 23,528,522 parameters with 10 classes)."""
+    return ResNet(num_classes, stem, zero_init_residual, depth=depth)
+
+
 def resnet50(num_classes: int = 10, stem: str = "imagenet", zero_init_residual: bool = True) -> ResNet:
-    """ResNet-50 v1.5, the reproduction's baseline (23,528,522 parameters with 10 classes)."""
-    return ResNet(num_classes, stem, zero_init_residual)
+    """ResNet-50 v1.5, the reproduction's baseline."""
+    return resnet(50, num_classes, stem, zero_init_residual)

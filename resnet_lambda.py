@@ -1,4 +1,4 @@
-"""ResNet-50 whose bottleneck 3x3 convolutions (stages c2-c5) are lambda layers.
+"""ResNet (depth 26, 50 or 101) whose bottleneck 3x3 convolutions (stages c2-c5) are lambda layers.
 
 Only the spatial mixer of the bottleneck changes (see ``LambdaMixers``); everything else is
 ``resnet.py``. As in Bello 2021 and the CIFAR-10 reproduction, a stride-2 block runs its lambda
@@ -17,7 +17,7 @@ import re
 import torch.nn as nn
 
 from lambda_layer import POSITIONS, LambdaLayer, make_position_embedding
-from resnet import STAGE_BLOCKS, STAGE_WIDTHS, ResNet, conv3x3_mixer
+from resnet import STAGE_WIDTHS, ResNet, conv3x3_mixer
 
 # Largest absolute E (n * m * k * u entries) a model may hold: 2^22 floats are 16 MiB, plus as
 # much again for its gradient and twice that for Adam. A 32x32 map (CIFAR stem, c2) needs 2^24.
@@ -35,7 +35,7 @@ def stage_input_sizes(image_size: tuple[int, int], stem: str) -> list[tuple[int,
     if stem == "imagenet":  # 7x7 stride-2 conv, then 3x3 stride-2 max-pool
         size = downsampled(downsampled(size))
     sizes = [size]
-    for _ in STAGE_BLOCKS[1:]:
+    for _ in STAGE_WIDTHS[1:]:
         sizes.append(downsampled(sizes[-1]))
     return sizes
 
@@ -88,10 +88,12 @@ class LambdaMixers:
         return self.embeddings[key]
 
 
-def lambda_resnet50(num_classes: int = 10, stem: str = "imagenet", heads: int = 4, dim_k: int = 16,
-                    image_size: int | tuple[int, int] = 32, zero_init_residual: bool = True, *,
-                    position: str = "absolute", r: int = 23, dim_u: int = 1, stages: str = "LLLL") -> ResNet:
-    """ResNet-50 with lambda layers in place of the bottleneck 3x3 convs of the "L" stages of c2-c5."""
+def lambda_resnet(num_classes: int = 10, stem: str = "imagenet", heads: int = 4, dim_k: int = 16,
+                  image_size: int | tuple[int, int] = 32, zero_init_residual: bool = True, *,
+                  position: str = "absolute", r: int = 23, dim_u: int = 1, stages: str = "LLLL",
+                  depth: int = 50) -> ResNet:
+    """ResNet (ResNet-50 unless `depth` says 26 or 101) with lambda layers in place of the bottleneck
+    3x3 convs of the "L" stages of c2-c5."""
     if isinstance(image_size, int):
         image_size = (image_size, image_size)
     for width in STAGE_WIDTHS:
@@ -108,4 +110,7 @@ def lambda_resnet50(num_classes: int = 10, stem: str = "imagenet", heads: int = 
         raise ValueError(f"absolute embeddings for {stem!r} stem maps need {entries:,} entries > "
                          f"{MAX_ABSOLUTE_ENTRIES:,}; use position='relative' or 'conv'")
     mixers = LambdaMixers(image_size, stem, heads, dim_k, position=position, r=r, dim_u=dim_u, stages=stages)
-    return ResNet(num_classes, stem, zero_init_residual, mixer=mixers)
+    return ResNet(num_classes, stem, zero_init_residual, mixer=mixers, depth=depth)
+
+
+lambda_resnet50 = lambda_resnet  # the reproduction's model: depth 50 is the default

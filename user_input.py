@@ -11,7 +11,8 @@ import re
 import sys
 
 # --- Model ---
-MODEL = "lambda"  # "baseline" (ResNet-50) or "lambda" (ResNet-50 with lambda layers in c2-c5)
+MODEL = "lambda"  # "baseline" (ResNet) or "lambda" (ResNet with lambda layers in c2-c5)
+DEPTH = 50  # ResNet-v1.5 depth: 26, 50 or 101 (bottlenecks per stage 2,2,2,2 / 3,4,6,3 / 3,4,23,3)
 STEM = "imagenet"  # "imagenet" (7x7 s2 conv + max-pool; 8x8 maps in c2) or "cifar" (3x3 s1 conv)
 HEADS = 4  # lambda layer queries per position h; Bello 2021 default
 QK_SIZE = 16  # lambda layer query/key size k; Bello 2021 default
@@ -24,8 +25,9 @@ LAMBDA_U = 1  # intra-depth u of keys and values; Bello 2021 default
 LAMBDA_STAGES = "LLLL"  # mixer of stages c2-c5: L lambda layer, C 3x3 conv; paper's hybrids: CCLL, CCCL
 
 # --- Data ---
-DATASET = "cifar10"  # "cifar10" (downloaded to DATA_DIR) or "synthetic" (small offline stand-in)
-DATA_DIR = "data"  # holds cifar-10-batches-py/ (and synthetic/ for the offline demo)
+DATASET = "cifar10"  # "cifar10", "cifar100" (downloaded to DATA_DIR), "synthetic" (small offline stand-in) or "folder" (DATA_DIR/train/<class>/*, DATA_DIR/val/<class>/*)
+DATA_DIR = "data"  # holds cifar-10-batches-py/, cifar-100-python/ (and synthetic/ for the offline demo), or your train/ and val/ folders
+IMAGE_SIZE = 32  # side of the square training images in pixels: 32 for the CIFAR sets, e.g. 64, 128 or 224 for a folder
 NUM_WORKERS = 2  # DataLoader worker processes; 0 loads in the main process
 SYNTHETIC_TRAIN_SIZE = 2000  # images in the synthetic training set
 SYNTHETIC_TEST_SIZE = 500  # images in the synthetic test set
@@ -62,7 +64,8 @@ SYNC_BN = False  # under torchrun: SyncBatchNorm, batch statistics over all rank
 
 CHOICES = {
     "model": ("baseline", "lambda"),
-    "dataset": ("cifar10", "synthetic"),
+    "depth": (26, 50, 101),
+    "dataset": ("cifar10", "cifar100", "synthetic", "folder"),
     "stem": ("imagenet", "cifar"),
     "lambda_position": ("absolute", "relative", "conv"),
     "amp": ("auto", "bf16", "fp16", "fp32"),
@@ -126,7 +129,7 @@ class _OneLineParser(argparse.ArgumentParser):
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
-    parser = _OneLineParser(prog=prog, description="Train a ResNet-50 or a lambda ResNet-50 on CIFAR-10. "
+    parser = _OneLineParser(prog=prog, description="Train a ResNet or a lambda ResNet on CIFAR-10, CIFAR-100 or your images. "
                             "Each flag overrides the constant of the same name in user_input.py.",
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     helps = _help_texts()
@@ -143,12 +146,12 @@ def validate(config: dict) -> None:
     config["compile"] = COMPILE_ALIASES.get(str(config["compile"]).lower(), config["compile"])
     for key, allowed in CHOICES.items():
         if config[key] not in allowed:
-            raise ConfigError(f"{key.upper()}={config[key]!r} is not one of {', '.join(allowed)}")
+            raise ConfigError(f"{key.upper()}={config[key]!r} is not one of {', '.join(map(str, allowed))}")
     if not re.fullmatch(DEVICE_PATTERN, config["device"]):
         raise ConfigError(f"DEVICE={config['device']!r} is not one of auto, cpu, cuda, cuda:N, mps")
     at_least = {"epochs": 1, "batch_size": 1, "heads": 1, "qk_size": 1, "lambda_r": 1, "lambda_u": 1,
                 "warmup_epochs": 0, "num_workers": 0, "checkpoint_every": 0, "max_batches": 0, "num_threads": 0,
-                "synthetic_train_size": 1, "synthetic_test_size": 1}
+                "synthetic_train_size": 1, "synthetic_test_size": 1, "image_size": 8}
     for key, low in at_least.items():
         if config[key] < low:
             raise ConfigError(f"{key.upper()}={config[key]} must be >= {low}")
@@ -160,6 +163,9 @@ def validate(config: dict) -> None:
         raise ConfigError(f"ADAM_BETAS={config['adam_betas']} must both be in [0, 1)")
     if not 0 <= config["label_smoothing"] < 1:
         raise ConfigError(f"LABEL_SMOOTHING={config['label_smoothing']} must be in [0, 1)")
+    if config["image_size"] != 32 and config["dataset"] != "folder":
+        raise ConfigError(f"IMAGE_SIZE={config['image_size']} needs --dataset folder; the images of "
+                          f"{config['dataset']} are 32x32 (use --image-size 32)")
     if config["lambda_r"] % 2 == 0:
         raise ConfigError(f"LAMBDA_R={config['lambda_r']} must be odd (an r x r context centred on the query)")
     if not re.fullmatch(r"[CL]{4}", config["lambda_stages"]):
@@ -187,16 +193,17 @@ def _validate_lambda(config: dict) -> None:
         raise ConfigError(f"HEADS={config['heads']} must divide every lambda layer's width "
                           f"{LAMBDA_WIDTHS}; it does not divide {bad[0]} (try 1, 2, 4, 8, 16, 32 or 64)")
     if config["lambda_stages"] == "CCCC":
-        raise ConfigError("LAMBDA_STAGES='CCCC' has no lambda stage; use MODEL=baseline for the convolutional ResNet-50")
+        raise ConfigError("LAMBDA_STAGES='CCCC' has no lambda stage; use MODEL=baseline for the convolutional ResNet")
     if config["lambda_position"] == "absolute":
         from resnet_lambda import MAX_ABSOLUTE_ENTRIES, largest_absolute_embedding  # imports torch
 
-        entries = largest_absolute_embedding((32, 32), config["stem"], config["lambda_stages"],  # CIFAR-10 images
-                                             config["qk_size"], config["lambda_u"])
+        size = (config["image_size"],) * 2
+        entries = largest_absolute_embedding(size, config["stem"], config["lambda_stages"], config["qk_size"],
+                                             config["lambda_u"])
         if entries > MAX_ABSOLUTE_ENTRIES:
             raise ConfigError(f"LAMBDA_POSITION=absolute with STEM={config['stem']} and LAMBDA_STAGES="
                               f"{config['lambda_stages']} needs an (n, m, k, u) embedding of {entries:,} entries "
-                              f"(limit {MAX_ABSOLUTE_ENTRIES:,}); use --lambda-position relative or conv, "
+                              f"(limit {MAX_ABSOLUTE_ENTRIES:,}) at IMAGE_SIZE={config['image_size']}; use --lambda-position relative or conv, "
                               f"or a hybrid such as --lambda-stages CCLL")
 
 

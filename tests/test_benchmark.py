@@ -118,3 +118,12 @@ def test_epochs_table_runs_the_training_loop(monkeypatch):
 def test_epochs_refuse_an_unknown_compile_mode(tmp_path, capsys):
     assert benchmark.main(["--device", "cpu", "--epoch-compile", "off,turbo", "--out", str(tmp_path)]) == 2
     assert "--epoch-compile 'turbo' is not one of" in capsys.readouterr().err
+
+
+def test_benchmark_depth_builds_that_resnet():
+    args = benchmark.build_parser().parse_args(["--depth", "26", "--batch-size", "2", "--iters", "1", "--warmup", "0",
+                                                "--amp", "fp32", "--channels-last", "off", "--device", "cpu"])
+    import torch
+
+    result = benchmark.benchmark_model({"model": "baseline"}, args, torch.device("cpu"), "fp32")
+    assert result["params"] == 13_966_666 and result["train_img_s"] > 0  # ResNet-26, 10 classes

@@ -24,9 +24,10 @@ def record(epoch: int, test_acc: float, epoch_time_s: float, test_time_s: float,
             "test_time_s": test_time_s}
 
 
-def write_run(folder, model: str, records: list[dict], epochs: int = 5, unfinished_line: str = "") -> str:
+def write_run(folder, model: str, records: list[dict], epochs: int = 5, unfinished_line: str = "", **settings) -> str:
     folder.mkdir(parents=True)
-    (folder / "config.json").write_text(json.dumps({**user_input.defaults(), "model": model, "epochs": epochs}))
+    config = {**user_input.defaults(), "model": model, "epochs": epochs, **settings}
+    (folder / "config.json").write_text(json.dumps(config))
     with open(folder / "metrics.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)
         f.write(unfinished_line)  # a record being written by a run in progress
@@ -46,11 +47,69 @@ def test_table_and_plot_for_runs_of_different_lengths(tmp_path, capsys):
             "| Lambda/l | lambda | 12,971,450 | 2/5 | 45.00 | 2 | 45.00 | 3 m 25 s | 60 |",
             "| Lambda/s | lambda | 12,971,450 | 0/90 | - | - | - | - | - |"]
     markdown = (out / "comparison.md").read_text()
-    assert markdown.splitlines()[2:] == rows and markdown in printed
+    assert markdown.splitlines()[4:7] == rows and markdown in printed
     image = np.asarray(Image.open(out / "comparison.png").convert("RGB")).astype(int)
     for color in PALETTE[:2]:  # both runs are drawn
         rgb = [int(color[i:i + 2], 16) for i in (1, 3, 5)]
         assert (abs(image - rgb).sum(axis=-1) < 30).sum() > 500
+
+
+def seeded_runs(root, model: str, finals: list[float], **settings) -> list[str]:
+    """One run per seed, 2 epochs each; the best epoch is the last, at `finals[seed]` %."""
+    return [write_run(root / model.capitalize() / f"{model}-{'-'.join(map(str, settings.values()))}-s{seed}", model,
+                      [record(1, 10, 10, 2, 100), record(2, final, 20, 2, 300)], epochs=2, seed=seed,
+                      run_name=f"s{seed}", device=["cpu", "cuda"][seed % 2], num_workers=seed, **settings)
+            for seed, final in enumerate(finals)]
+
+
+def test_runs_differing_only_in_seed_form_groups_with_mean_std_and_welch_interval(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    baseline = seeded_runs(runs, "baseline", [70.0, 71.0, 72.0], heads=8)  # lambda settings do not split a baseline
+    lambda_ = seeded_runs(runs, "lambda", [73.0, 74.0, 75.0])
+    assert compare_runs.main([*baseline, *lambda_, "--out", str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr().out
+    # mean 71 and 74, std 1 each; equal n and variances: df 4, half width t(0.975, 4) sqrt(2/3) = 2.2669
+    assert "| baseline | 3 | 0, 1, 2 | 23,528,522 | 2/2 | 71.00 ± 1.00 | 71.00 ± 1.00 | 0 m 34 s | 200 |" in printed
+    assert "| lambda | 3 | 0, 1, 2 | 12,971,450 | 2/2 | 74.00 ± 1.00 | 74.00 ± 1.00 | 0 m 34 s | 200 |" in printed
+    assert ("| lambda − baseline | MODEL | 3 vs 3 | +3.00 [+0.73, +5.27] (df 4.0): lambda higher "
+            "| +3.00 [+0.73, +5.27] (df 4.0): lambda higher |") in printed
+
+
+def test_single_runs_are_groups_of_one_and_too_few_to_tell(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    found = seeded_runs(runs, "baseline", [70.0]) + seeded_runs(runs, "lambda", [73.0, 76.0])
+    assert compare_runs.main([*found, "--out", str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr().out
+    assert "| baseline | 1 | 0 | 23,528,522 | 2/2 | 70.00 (1 run: no std) |" in printed
+    assert "| lambda | 2 | 0, 1 | 12,971,450 | 2/2 | 74.50 ± 2.12 |" in printed
+    assert "| +4.50: too few runs to tell (n = 2 vs 1; need 2 or more seeds in each group) |" in printed
+
+
+def test_data_dir_splits_groups_only_for_image_folders(tmp_path):
+    runs = tmp_path / "runs"
+    cifar = [compare_runs.Run(path) for path in seeded_runs(runs, "baseline", [50.0, 60.0])]
+    cifar[1].config["data_dir"] = "/elsewhere"
+    folders = [compare_runs.Run(path) for path in seeded_runs(runs, "lambda", [50.0, 60.0], dataset="folder")]
+    folders[1].config["data_dir"] = "/other_images"
+    assert [len(group.runs) for group in compare_runs.group_runs(cifar + folders)] == [2, 1, 1]
+
+
+def test_groups_are_paired_where_they_differ_in_one_setting(tmp_path):
+    runs = tmp_path / "runs"
+    found = [compare_runs.Run(path) for model in ("baseline", "lambda") for depth in (26, 50)
+             for path in seeded_runs(runs, model, [50.0, 60.0], depth=depth)]
+    found += [compare_runs.Run(path) for path in seeded_runs(runs, "lambda", [50.0], lambda_position="relative",
+                                                              depth=50)]
+    groups = compare_runs.group_runs(found)
+    assert [(group.label, len(group.runs)) for group in groups] == [
+        ("baseline depth=26", 2), ("baseline depth=50", 2), ("lambda depth=26 lambda_position=absolute", 2),
+        ("lambda depth=50 lambda_position=absolute", 2), ("lambda depth=50 lambda_position=relative", 1)]
+    paired = [(a.label.split()[0] + str(a.settings["depth"]), b.label) for a, b in compare_runs.pairs(groups)]
+    assert paired == [("baseline26", "baseline depth=50"), ("baseline26", "lambda depth=26 lambda_position=absolute"),
+                      ("baseline50", "lambda depth=50 lambda_position=absolute"),
+                      ("baseline50", "lambda depth=50 lambda_position=relative"),
+                      ("lambda26", "lambda depth=50 lambda_position=absolute"),
+                      ("lambda50", "lambda depth=50 lambda_position=relative")]
 
 
 def test_time_axis_unit_and_total_time_format():
@@ -67,7 +126,7 @@ def test_default_is_the_newest_run_of_each_model(tmp_path, capsys):
     os.utime(os.path.join(old, "metrics.jsonl"), (1, 1))  # written long ago
     assert compare_runs.main(["--runs-dir", str(runs), "--out", str(tmp_path / "out")]) == 0
     labels = [line.split(" | ")[0] for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
-    assert labels[1:] == ["| Baseline/new", "| Lambda/only"]  # after the header
+    assert labels[1:4] == ["| Baseline/new", "| Lambda/only", "| group"]  # after the header, before the groups
 
 
 def test_bad_run_directories_are_one_line_with_exit_2(tmp_path, capsys):
@@ -147,3 +206,38 @@ def test_compare_and_nntest_read_the_smoke_run(smoke_run, capsys, monkeypatch):
     logged = read_metrics(str(smoke_run / "runs" / "Baseline" / "smoke" / "metrics.jsonl"))[0]["test_acc"]
     assert nntest.main(["--checkpoint", os.path.join("checkpoints", "Baseline", "smoke", "best.pt")]) == 0
     assert f"top-1 accuracy {logged:.2f}%" in capsys.readouterr().out  # same weights, same 2 test batches
+
+
+def test_a_folder_run_whose_images_are_gone_still_compares(tmp_path, capsys):
+    gone = write_run(tmp_path / "runs" / "Lambda" / "f", "lambda", [record(1, 40, 10, 2, 100)], dataset="folder",
+                     data_dir=str(tmp_path / "moved"), image_size=64, lambda_position="relative")
+    assert compare_runs.main([gone, "--out", str(tmp_path / "out")]) == 0
+    assert "| Lambda/f | lambda | ? | 1/5 | 40.00 |" in capsys.readouterr().out  # classes unknown: count unknown
+
+
+def test_group_curve_is_the_mean_per_epoch_with_a_min_max_or_std_band(tmp_path):
+    runs = [compare_runs.Run(path) for path in seeded_runs(tmp_path / "runs", "lambda", [70.0, 74.0, 78.0])]
+    runs[2].records.append(record(3, 90.0, 10, 2, 300))  # one run is an epoch further
+    (group,) = compare_runs.group_runs(runs)
+    minmax, std = compare_runs.curve(group, "test_acc"), compare_runs.curve(group, "test_acc", band="std")
+    assert minmax.epochs == [1, 2, 3] and minmax.elapsed_s == [12.0, 34.0, 46.0]
+    assert minmax.mean == [10.0, 74.0, 90.0] and minmax.low == [10.0, 70.0, 90.0] and minmax.high == [10.0, 78.0, 90.0]
+    assert std.low == pytest.approx([10.0, 70.0, 90.0]) and std.high == pytest.approx([10.0, 78.0, 90.0])  # std 4
+
+
+@pytest.mark.parametrize("band, low, high, words", [("minmax", 70.0, 78.0, "min-max"),
+                                                    ("std", 74.0 - 4.0, 74.0 + 4.0, "mean ± 1 std")])
+def test_plot_draws_each_groups_mean_with_a_band_and_names_the_band(tmp_path, band, low, high, words):
+    runs = [compare_runs.Run(path) for path in seeded_runs(tmp_path / "runs", "baseline", [60.0, 61.0])
+            + seeded_runs(tmp_path / "runs", "lambda", [70.0, 74.0, 78.0])]
+    figure = compare_runs.plot(compare_runs.group_runs(runs), str(tmp_path / "c.png"), band)
+    assert words in figure.get_suptitle() and (tmp_path / "c.png").is_file()
+    accuracy = figure.axes[0]  # accuracy against epoch
+    lines = accuracy.get_lines()  # in series order: baseline test, train, lambda test, train
+    assert list(lines[2].get_ydata()) == [10.0, 74.0] and list(lines[0].get_ydata()) == [10.0, 60.5]  # means
+    bands = [collection.get_paths()[0].vertices[:, 1] for collection in accuracy.collections]
+    assert len(bands) == 2  # one per group, test only
+    assert (min(bands[1]), max(bands[1])) == pytest.approx((10.0, high))
+    assert min(abs(value - low) for value in bands[1]) < 1e-9  # the band's lower edge at epoch 2
+    legend = [text.get_text() for text in figure.legends[0].get_texts()]
+    assert "lambda (3 runs) test" in legend and "baseline (2 runs) train" in legend

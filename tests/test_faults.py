@@ -288,8 +288,8 @@ def test_corrupt_checkpoints_one_line_error_and_fallback(straight, tmp_path, cap
     assert code == 2 and err.count("\n") == 1
     assert f"checkpoint {checkpoint_dir / 'last.pt'} cannot be read" in err and "Traceback" not in err
 
-    config = dict(defaults(), checkpoint_dir=str(work / "checkpoints"), resume="latest")
-    assert prep.resolve_resume(config)["epoch"] == 1
+    config = dict(defaults(), dataset="synthetic", checkpoint_dir=str(work / "checkpoints"), resume="latest")
+    assert prep.resolve_resume(config)["epoch"] == 1  # DATASET as trained: a resume refuses another data set
     warning = capsys.readouterr().err
     assert warning.count("\n") == 1 and warning.startswith("warning: ")
     assert all(f"{checkpoint_dir / name} cannot be read" in warning for name in ("last.pt", "best.pt", "epoch_002.pt"))

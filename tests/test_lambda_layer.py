@@ -1,7 +1,6 @@
 """The lambda layer against a float64 reference written with explicit loops over positions."""
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""ResNet-50 and lambda ResNet-50: shapes, finite outputs, gradients, parameter counts, torchvision."""
+"""ResNet and lambda ResNet (depths 26, 50, 101): shapes, finite outputs, gradients, parameter counts, torchvision."""
 from __future__ import annotations
 
 import pytest
@@ -7,7 +7,7 @@ import torchvision
 
 import resnet
 from lambda_layer import LambdaLayer
-from resnet_lambda import lambda_resnet50, stage_input_sizes
+from resnet_lambda import lambda_resnet, lambda_resnet50, stage_input_sizes
 
 
 def count(model: torch.nn.Module) -> int:
@@ -100,3 +100,56 @@ def test_batchnorm_uses_pytorch_momentum(build):
     """The reproduction passed TensorFlow's decay 0.9999 as PyTorch's momentum (weight of the new batch)."""
     norms = [m for m in build(num_classes=10).modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert norms and all(m.momentum == 0.1 for m in norms)
+
+
+# --- depth 26, 50, 101 ---
+
+@pytest.mark.parametrize("depth, expected", [(26, 13_966_666), (50, 23_528_522), (101, 42_520_650)])
+def test_every_depth_matches_torchvisions_bottleneck_resnet(depth, expected):
+    """torchvision's ResNet class with the same bottlenecks per stage: same count, its state_dict loads."""
+    blocks = resnet.DEPTH_BLOCKS[depth]
+    theirs = torchvision.models.resnet.ResNet(torchvision.models.resnet.Bottleneck, list(blocks), num_classes=10)
+    ours = resnet.resnet(depth, num_classes=10)
+    assert count(ours) == count(theirs) == expected
+    ours.load_state_dict(theirs.state_dict())  # strict
+    assert [len(getattr(ours, f"layer{stage}")) for stage in (1, 2, 3, 4)] == list(blocks)
+
+
+def test_resnet101_loads_torchvisions_resnet101_and_computes_the_same():
+    theirs = torchvision.models.resnet101(num_classes=10).eval()
+    ours = resnet.resnet(101, num_classes=10).eval()
+    assert blocks_of(ours) == (3, 4, 23, 3) and count(ours) == count(theirs) == 42_520_650
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), theirs(x))
+
+
+def blocks_of(model) -> tuple[int, ...]:
+    return tuple(len(getattr(model, f"layer{stage}")) for stage in (1, 2, 3, 4))
+
+
+@pytest.mark.parametrize("depth, expected", [(26, 8_169_242), (50, 12_971_450), (101, 22_567_610)])
+def test_lambda_variants_of_every_depth(depth, expected):
+    """One lambda layer per bottleneck, global embeddings shared per (stage, map size): 7 at 32x32."""
+    model = lambda_resnet(num_classes=10, depth=depth)
+    layers = [m for m in model.modules() if isinstance(m, LambdaLayer)]
+    assert count(model) == expected and blocks_of(model) == resnet.DEPTH_BLOCKS[depth]
+    assert len(layers) == sum(resnet.DEPTH_BLOCKS[depth]) and len({id(m.embedding) for m in layers}) == 7
+    hybrid = lambda_resnet(num_classes=10, depth=depth, stages="CCLL")  # c2, c3 keep their 3x3 convs
+    assert len([m for m in hybrid.modules() if isinstance(m, LambdaLayer)]) == sum(resnet.DEPTH_BLOCKS[depth][2:])
+    conv = lambda_resnet(num_classes=10, depth=depth, position="conv", r=5)  # each layer its own kernel
+    assert len({id(m.embedding) for m in conv.modules() if isinstance(m, LambdaLayer)}) == len(layers)
+
+
+def test_depth_26_trains_forward_and_backward():
+    model = lambda_resnet(num_classes=10, depth=26, zero_init_residual=False)
+    logits = model(torch.randn(2, 3, 32, 32))
+    torch.nn.functional.cross_entropy(logits, torch.tensor([1, 2])).backward()
+    assert logits.shape == (2, 10) and torch.isfinite(logits).all()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_unknown_depth_is_refused():
+    with pytest.raises(ValueError, match="depth must be one of"):
+        resnet.resnet(34)
