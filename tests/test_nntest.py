@@ -105,6 +105,20 @@ def test_logger_writes_per_class_accuracy_confusion_image_and_hparams(tmp_path):
     assert plugin.session_start_info.hparams["adam_betas"].string_value == "(0.9, 0.9999)"
 
 
+def test_logger_draws_the_confusion_image_at_the_first_every_tenth_and_last_epoch(tmp_path):
+    logger = RunLogger(str(tmp_path))
+    confusion = torch.tensor([[2, 1], [0, 3]])
+    for epoch in range(1, 13):
+        logger.epoch({"epoch": epoch, "train_loss": 1.0, "train_acc": 50.0, "test_loss": 1.0, "test_acc": 50.0,
+                      "lr": 1e-3, "epoch_time_s": 1.0, "train_img_per_s": 10.0, "test_time_s": 0.5}, 12)
+        logger.evaluation(epoch, confusion, ["cat", "dog"])
+    logger.close()
+    events = EventAccumulator(str(tmp_path), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    assert [image.step for image in events.Images("Confusion/test")] == [1, 10, 12]
+    assert [e.step for e in events.Scalars("Accuracy_per_class/cat")] == list(range(1, 13))
+
+
 # --- the command line ---
 
 @pytest.fixture(scope="module")
