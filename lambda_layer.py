@@ -38,10 +38,11 @@ The lambdas are always computed before they meet the queries (lambda_p = E^T V f
 lambda_c + lambda_p is formed before the one contraction with the queries.
 
 Kernels and layouts (docs/lambda-speed.md has the measurements): a handful of kernel-launching aten
-ops per training forward + backward (u = 1, 8x8 map: 21 absolute, 23 relative, 22 conv with r 23,
-20 with r <= 15; 20 relative on maps of <= 4 positions; counted by ``benchmark.py``, asserted in
-tests/test_lambda_modes.py), and every contraction a batched GEMM on views, no copies when u = 1
-except the lambda convolution's one copy of the values into its channels-last volume:
+ops per training forward + backward (8x8 map, u = 1: 21 absolute, 23 relative, 22 conv with r 23,
+20 with r <= 15, 20 relative on maps of <= 4 positions; u = 3: 22, 24, 24; counted by
+``benchmark.py``, asserted in tests/test_lambda_modes.py), and every contraction a batched GEMM on
+views, no copies when u = 1 except the lambda convolution's one copy of the values into its
+channels-last volume:
 
 - one 1x1 convolution projects queries, values and keys (one GEMM); its kernel has channels_last
   strides, so the output is positions-major ([b, n, channels] in memory) whatever x's layout;
@@ -51,11 +52,13 @@ except the lambda convolution's one copy of the values into its channels-last vo
   matrix (expanded over b) with the same values, or the lambda convolution as a channels-last 3D
   convolution over (H, W, v) whose output is already [b, n, v, k] in memory ("relative" on maps of
   <= RELATIVE_AS_CONV_POSITIONS positions too, with its table as the kernel: no gather);
+- the relative table is stored in the layout its path reads (``relative_table_layout``): gathered
+  rows that are E^T as [m*u, n*k] as they come, or the channels-last layout of the kernel's gradient;
 - queries: bmm [b*n, h, k] x [b*n, k, v]; the output is returned channels_last (a view);
 - backward of the global modes (``GlobalLambdas``): E's gradient is one GEMM over (b, v), after
   copying the lambdas' gradient and the values to [n*k, b*v] and [b*v, m*u].
-u > 1 costs a copy of the values (and of the gathered E in "relative", of the volume in "conv"):
-their (m, u) axes are not adjacent in memory.
+u > 1 costs a copy of the values (and in "conv" a copy of the volume's gradient): their (m, u) axes
+are not adjacent in memory.
 
 Mixed precision: the 1x1 projection follows autocast; the batch norm, the key softmax and every
 lambda contraction run in float32 (autocast disabled inside the layer; float64 stays float64) and
@@ -80,11 +83,29 @@ def make_position_embedding(size: tuple[int, int] | None, dim_k: int, dim_u: int
         return nn.Parameter(torch.randn(dim_k, dim_u, 1, r, r))
     height, width = size
     if position == "relative":
-        return nn.Parameter(torch.randn(2 * height - 1, 2 * width - 1, dim_k, dim_u))
+        return nn.Parameter(relative_table_layout(torch.randn(2 * height - 1, 2 * width - 1, dim_k, dim_u)))
     n = height * width
     # indexed E[n, m, k, u] as in the paper, stored (n, k, m, u) so that E is the [n*k, m*u] matrix of
     # one GEMM without a copy (LambdaLayer._position_lambdas); .to() and load_state_dict keep strides
     return nn.Parameter(torch.randn(n, dim_k, n, dim_u).permute(0, 2, 1, 3))  # n, m, k, u
+
+
+def relative_table_layout(table: torch.Tensor) -> torch.Tensor:
+    """The relative table (2H-1, 2W-1, k, u) copied into the memory layout its forward reads as is.
+
+    A map of <= RELATIVE_AS_CONV_POSITIONS positions reads the table as a lambda-convolution kernel:
+    stored (k, 2H-1, 2W-1, u), the channels-last layout of that kernel's gradient, which then needs no
+    re-layout. A larger map gathers rows of it: stored (u, 2H-1, 2W-1, k), the [u*(2H-1)*(2W-1), k]
+    matrix whose gathered rows form E^T as [m*u, n*k] without a copy (LambdaLayer._lambdas). With
+    u = 1 the second layout is the contiguous one. Any layout gives the same output; these save copies.
+    """
+    rows, cols, k, u = table.shape
+    if (rows // 2 + 1) * (cols // 2 + 1) <= RELATIVE_AS_CONV_POSITIONS:
+        order = (2, 0, 1, 3)  # stored k, 2H-1, 2W-1, u
+    else:
+        order = (3, 0, 1, 2)  # stored u, 2H-1, 2W-1, k
+    stored = table.permute(order).contiguous()
+    return stored.permute(tuple(order.index(axis) for axis in range(4)))  # 2H-1, 2W-1, k, u (a view)
 
 
 def relative_index(size: tuple[int, int]) -> torch.Tensor:
@@ -151,8 +172,13 @@ class GlobalLambdas(torch.autograd.Function):
         grad_keys = torch.bmm(values, grad_content.transpose(1, 2))                        # b, m*u, k
         grad_embedding = None
         if ctx.needs_input_grad[0]:
-            # one GEMM over (b, v): [n*k, b*v] x [b*v, m*u]
-            grad_embedding = grad.permute(1, 0, 2).reshape(nk, b * v) @ values.permute(0, 2, 1).reshape(b * v, -1)
+            # one GEMM over (b, v): [n*k, b*v] x [b*v, m*u], written in E's layout (E^T contiguous for "relative")
+            grad_rows = grad.permute(1, 0, 2).reshape(nk, b * v)          # n*k, b*v (a copy)
+            value_rows = values.permute(0, 2, 1).reshape(b * v, -1)       # b*v, m*u (a copy)
+            if embedding.is_contiguous():
+                grad_embedding = grad_rows @ value_rows                   # n*k, m*u
+            else:
+                grad_embedding = (value_rows.t() @ grad_rows.t()).t()    # n*k, m*u (the transpose of a contiguous one)
         return grad_embedding, grad_keys, grad_values
 
 
@@ -204,8 +230,11 @@ class LambdaLayer(nn.Module):
             f"{position} embedding shape {tuple(embedding.shape)} != {expected}")
         self.embedding = embedding
         if position == "relative":
-            # stored [m, n] (transposed): the gather then yields E^T as [m, n*k*u] rows without a copy
-            self.register_buffer("relative_index", relative_index(self.size).t().contiguous(), persistent=False)
+            # [m, u, n]: the row of the [u*(2H-1)*(2W-1), k] table (relative_table_layout) holding E[n, m, :, u];
+            # the gather then yields E^T as the [m*u, n*k] matrix without a copy
+            table_rows = (2 * self.size[0] - 1) * (2 * self.size[1] - 1)
+            index = relative_index(self.size).t()[:, None, :] + table_rows * torch.arange(dim_u)[:, None]  # m, u, n
+            self.register_buffer("relative_index", index.contiguous(), persistent=False)
         self.reset_parameters()
 
     @property
@@ -279,13 +308,15 @@ class LambdaLayer(nn.Module):
                 kernel, _, _ = reachable_kernel(embedding, height, width)  # k, u, 1, <=r, <=r
             else:  # the table is the lambda convolution's kernel with r = 2H-1 (2W-1), all of it reachable
                 kernel = embedding.permute(2, 3, 0, 1).unsqueeze(2)  # k, u, 1, 2H-1, 2W-1
-            content_lambda = torch.bmm(keys.transpose(1, 2), values)  # b, k, v
+            # computed as (V^T K)^T: the keys' gradient then comes out [b, m*u, k], the softmax's layout
+            content_lambda = torch.bmm(values.transpose(1, 2), keys).transpose(1, 2)  # b, k, v
             return self._conv_position_lambdas(values, kernel, height, width) + content_lambda[:, None]
         if self.position == "relative":
-            table = embedding.reshape(-1, k * u)  # (2H-1)(2W-1), k*u
-            embedding = F.embedding(self.relative_index, table).reshape(n, n, k, u)  # m, n, k, u
-            embedding = embedding.transpose(0, 1)                                      # n, m, k, u
-        embedding = embedding.permute(0, 2, 1, 3).reshape(n * k, n * u)  # n*k, m*u (a view when u = 1 or absolute)
+            table = embedding.permute(3, 0, 1, 2).reshape(-1, k)  # u*(2H-1)*(2W-1), k (a view: relative_table_layout)
+            rows = F.embedding(self.relative_index, table)         # m, u, n, k: E^T
+            embedding = rows.reshape(n * u, n * k).t()              # n*k, m*u (the transpose of a contiguous E^T)
+        else:
+            embedding = embedding.permute(0, 2, 1, 3).reshape(n * k, n * u)  # n*k, m*u (a view: stored n, k, m, u)
         return GlobalLambdas.apply(embedding, keys, values).reshape(b, n, k, v)  # b, n, k, v
 
     def _conv_position_lambdas(self, values: torch.Tensor, kernel: torch.Tensor, height: int,
