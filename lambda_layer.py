@@ -48,15 +48,18 @@ channels-last volume:
   strides, so the output is positions-major ([b, n, channels] in memory) whatever x's layout;
 - one batch norm normalises queries and values together (per-channel statistics: exact), without
   incrementing the batch counter that only momentum=None reads (``UncountedBatchNorm2d``);
-- content lambda: bmm [b, k, m*u] x [b, m*u, v]; position lambdas: bmm of E as the [n*k, m*u]
-  matrix (expanded over b) with the same values, or the lambda convolution as a channels-last 3D
-  convolution over (H, W, v) whose output is already [b, n, v, k] in memory ("relative" on maps of
-  <= RELATIVE_AS_CONV_POSITIONS positions too, with its table as the kernel: no gather);
+- content lambda: bmm [b, k, m*u] x [b, m*u, v]; position lambdas: E as the [n*k, m*u] matrix times
+  the same values, as a bmm of E expanded over b when E is small (``E_BATCHED_ENTRIES``: maps up
+  to 8x8) and as one GEMM [n*k, m*u] x [m*u, b*v] that reads E once when it is larger (a copy of
+  the values to [m*u, b*v] and of the product to [b, n, k, v]); or the lambda convolution as a
+  channels-last 3D convolution over (H, W, v) whose output is already [b, n, v, k] in memory
+  ("relative" on maps of <= RELATIVE_AS_CONV_POSITIONS positions too, with its table as the
+  kernel: no gather);
 - the relative table is stored in the layout its path reads (``relative_table_layout``): gathered
   rows that are E^T as [m*u, n*k] as they come, or the channels-last layout of the kernel's gradient;
 - queries: bmm [b*n, h, k] x [b*n, k, v]; the output is returned channels_last (a view);
 - backward of the global modes (``GlobalLambdas``): E's gradient is one GEMM over (b, v), after
-  copying the lambdas' gradient and the values to [n*k, b*v] and [b*v, m*u].
+  copying the lambdas' gradient and the values to [n*k, b*v] and [m*u, b*v].
 u > 1 costs a copy of the values (and in "conv" a copy of the volume's gradient): their (m, u) axes
 are not adjacent in memory.
 
@@ -74,6 +77,9 @@ POSITIONS = ("absolute", "relative", "conv")
 # "relative" on maps of at most this many positions runs as the lambda convolution with its table as
 # the kernel: fewer kernels (no gather), at most 2.25x the multiply-adds of the gathered E (2x2 maps)
 RELATIVE_AS_CONV_POSITIONS = 4
+# E of at most this many entries (an 8x8 map with k 16, u 1: 256 KB in float32, cache-resident) meets the
+# values in a bmm over the batch; a larger one in one GEMM that reads it once (GlobalLambdas)
+E_BATCHED_ENTRIES = 64 * 64 * 16
 
 
 def make_position_embedding(size: tuple[int, int] | None, dim_k: int, dim_u: int = 1,
@@ -146,39 +152,53 @@ class GlobalLambdas(torch.autograd.Function):
     """lambda[b, n*k, v] = E V[b] + lambda_c[b] (for every n), lambda_c = K[b]^T V[b]: the lambdas of the
     global modes, E as the [n*k, m*u] matrix, keys [b, m*u, k], values [b, m*u, v].
 
-    What autograd would do, in as many kernels, except for E's gradient: sum_b g[b] V[b]^T as one
-    GEMM over (b, v) rather than b GEMMs into a [b, n*k, m*u] tensor and its sum over b (on a CPU
-    the latter took 3x as long at width 64, 8x8, batch 128).
+    A small E (at most E_BATCHED_ENTRIES: an 8x8 map) meets the values in b GEMMs, a bmm of E
+    expanded over b that writes the lambdas in place; a larger one in one GEMM over the whole batch,
+    [n*k, m*u] x [m*u, b*v], which reads E once where the bmm reads it b times (64 MB each at 32x32
+    maps: there the bmm took 1.9x the time of the whole layer). The backward is what autograd would
+    do, in as many kernels, except that E's gradient is one GEMM over (b, v) (b GEMMs into a
+    [b, n*k, m*u] tensor and its sum over b took 3x as long at 8x8, batch 128).
     """
 
     @staticmethod
     def forward(ctx, embedding: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        b, _, v = values.shape
-        k = keys.shape[-1]
-        content_lambda = torch.bmm(keys.transpose(1, 2), values)          # b, k, v
-        lambdas = torch.bmm(embedding.expand(b, -1, -1), values)           # b, n*k, v
-        lambdas.view(b, -1, k, v).add_(content_lambda[:, None])            # b, n, k, v
-        ctx.save_for_backward(embedding, keys, values)
-        return lambdas
+        b, mu, v = values.shape
+        nk, k = embedding.shape[0], keys.shape[-1]
+        content_lambda = torch.bmm(keys.transpose(1, 2), values)                      # b, k, v
+        if embedding.numel() <= E_BATCHED_ENTRIES:
+            lambdas = torch.bmm(embedding.expand(b, -1, -1), values)                   # b, n*k, v
+            lambdas.view(b, -1, k, v).add_(content_lambda[:, None])                    # b, n, k, v
+            ctx.save_for_backward(embedding, keys, values)
+            return lambdas
+        value_rows = values.permute(1, 0, 2).reshape(mu, b * v)                        # m*u, b*v (a copy)
+        position_lambdas = (embedding @ value_rows).view(nk // k, k, b, v)             # n, k, b, v
+        lambdas = values.new_empty(b, nk // k, k, v)
+        torch.add(position_lambdas.permute(2, 0, 1, 3), content_lambda[:, None], out=lambdas)  # b, n, k, v
+        ctx.save_for_backward(embedding, keys, values, value_rows)
+        return lambdas.view(b, nk, v)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        embedding, keys, values = ctx.saved_tensors
+        embedding, keys, values, *value_rows = ctx.saved_tensors
         b, nk, v = grad.shape
         k = keys.shape[-1]
         grad_content = grad.reshape(b, nk // k, k, v).sum(dim=1)                           # b, k, v
-        grad_values = torch.bmm(embedding.t().expand(b, -1, -1), grad)                     # b, m*u, v
-        grad_values.baddbmm_(keys, grad_content)                                           # + K lambda_c grad
+        grad_rows = grad.permute(1, 0, 2).reshape(nk, b * v)                               # n*k, b*v (a copy)
+        if value_rows:  # the one-GEMM forward
+            (value_rows,) = value_rows
+            grad_values = (embedding.t() @ grad_rows).view(-1, b, v).permute(1, 0, 2)      # b, m*u, v
+            grad_values = torch.baddbmm(grad_values, keys, grad_content)                   # + K lambda_c grad
+        else:
+            value_rows = values.permute(1, 0, 2).reshape(-1, b * v)                        # m*u, b*v (a copy)
+            grad_values = torch.bmm(embedding.t().expand(b, -1, -1), grad)                 # b, m*u, v
+            grad_values.baddbmm_(keys, grad_content)                                       # + K lambda_c grad
         grad_keys = torch.bmm(values, grad_content.transpose(1, 2))                        # b, m*u, k
         grad_embedding = None
-        if ctx.needs_input_grad[0]:
-            # one GEMM over (b, v): [n*k, b*v] x [b*v, m*u], written in E's layout (E^T contiguous for "relative")
-            grad_rows = grad.permute(1, 0, 2).reshape(nk, b * v)          # n*k, b*v (a copy)
-            value_rows = values.permute(0, 2, 1).reshape(b * v, -1)       # b*v, m*u (a copy)
+        if ctx.needs_input_grad[0]:  # one GEMM over (b, v), written in E's layout (E^T contiguous: "relative")
             if embedding.is_contiguous():
-                grad_embedding = grad_rows @ value_rows                   # n*k, m*u
+                grad_embedding = grad_rows @ value_rows.t()                                # n*k, m*u
             else:
-                grad_embedding = (value_rows.t() @ grad_rows.t()).t()    # n*k, m*u (the transpose of a contiguous one)
+                grad_embedding = (value_rows @ grad_rows.t()).t()                          # n*k, m*u
         return grad_embedding, grad_keys, grad_values
 
 

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Check a GPU machine in one command (about 6 minutes on an H100):
 #   benchmarks/gpu_check.sh                 the GPU test suite, then benchmark.py on CUDA: models, layers,
-#                                           and the epochs table under COMPILE=off, graph and reduce-overhead
+#                                           and the epochs table under COMPILE=off, graph and reduce-overhead;
+#                                           a profile of each model's step; the CIFAR-stem models
 #   benchmarks/gpu_check.sh --cpu-dry-run   the same steps, tiny, on the CPU: checks this script, not the GPU
 # Writes benchmarks/results/<gpu name>/: gpu_check.log (everything printed), summary.md (each step's
-# exit status and time, then the tables), benchmark.json/.md/.png and compiled/benchmark.json/.md.
+# exit status and time, then the tables), benchmark.json/.md/.png, compiled/benchmark.json/.md,
+# profile.md (benchmarks/profile_step.py) and cifar-stem/benchmark.json/.md.
 # A step that fails or runs past its time budget is logged and the next one still runs; the exit
 # status is the number of failed steps. With $OUT set, the results are copied there too.
 set -u
@@ -13,7 +15,7 @@ PYTHON=${PYTHON:-python3}
 DRY=0
 [ "${1:-}" = "--cpu-dry-run" ] && DRY=1
 SCALE=$((DRY ? 5 : 1))  # a shared 2-core CPU is slow: the dry run gets 5 times the time
-TOTAL_BUDGET=${GPU_CHECK_BUDGET_S:-$((360 * SCALE))}  # seconds for all steps together
+TOTAL_BUDGET=${GPU_CHECK_BUDGET_S:-$((420 * SCALE))}  # seconds for all steps together
 START=$(date +%s)
 
 if [ "$DRY" = 1 ]; then
@@ -23,7 +25,7 @@ else
 fi
 NAME=$(echo "$NAME" | tr '[:upper:]' '[:lower:]' | tr -c 'a-z0-9\n' '-' | sed 's/--*/-/g; s/^-//; s/-$//')
 RESULTS=benchmarks/results/$NAME
-mkdir -p "$RESULTS/compiled"
+mkdir -p "$RESULTS/compiled" "$RESULTS/cifar-stem"
 LOG=$RESULTS/gpu_check.log
 SUMMARY=$RESULTS/summary.md
 : > "$LOG"
@@ -62,11 +64,15 @@ if [ "$DRY" = 1 ]; then
   SMALL=(--quick --iters 1 --warmup 0 --sizes 4 --batch-size 2 --num-threads 1 --epoch-train-size 8 --epoch-test-size 4)
   BENCH=("${SMALL[@]}" --epoch-compile off,graph)
   COMPILED=("${SMALL[@]}" --skip-models --epoch-models baseline --epoch-compile graph)  # no compile on the CPU: minutes
+  PROFILE=(--batch-size 2 --steps 1 --top 5 --num-threads 1)
+  CIFAR=("${SMALL[@]}" --stem cifar --skip-epochs)
 else
   DEVICE=cuda
   BENCH=(--epoch-train-size 5000 --epoch-test-size 1000 --epoch-compile off,graph)
   COMPILED=(--skip-models --sizes 8 --epoch-models baseline --epoch-train-size 5000 --epoch-test-size 1000
             --epoch-compile reduce-overhead)
+  PROFILE=(--steps 5)
+  CIFAR=(--stem cifar --skip-epochs --sizes 8)
 fi
 
 step environment 30 $PYTHON -c 'import torch, platform; print("torch", torch.__version__, "CUDA", torch.version.cuda,
@@ -77,7 +83,9 @@ command -v nvidia-smi > /dev/null && step nvidia-smi 15 nvidia-smi
 step gpu-tests 150 $PYTHON -m pytest -m gpu -q -rs -p no:cacheprovider tests/
 TESTS=$(tail -n 20 "$LOG" | grep -E "[0-9]+ (passed|failed|skipped|errors?)" | tail -n 1)
 step benchmark 150 $PYTHON benchmark.py --device $DEVICE --out "$RESULTS" "${BENCH[@]}"
+step profile 45 $PYTHON benchmarks/profile_step.py --device $DEVICE --out "$RESULTS/profile.md" "${PROFILE[@]}"
 step compiled-epochs 90 $PYTHON benchmark.py --device $DEVICE --out "$RESULTS/compiled" "${COMPILED[@]}"
+step cifar-stem 75 $PYTHON benchmark.py --device $DEVICE --out "$RESULTS/cifar-stem" "${CIFAR[@]}"
 
 {
   echo "# benchmarks/gpu_check.sh on $NAME"
@@ -91,13 +99,15 @@ step compiled-epochs 90 $PYTHON benchmark.py --device $DEVICE --out "$RESULTS/co
   echo "|---|---|---|"
   printf "%b" "$ROWS"
   echo
-  grep -h -A 12 -E "^## (Models|Epochs)" "$RESULTS/benchmark.md" "$RESULTS/compiled/benchmark.md" 2>/dev/null
+  grep -h -A 12 -E "^## (Models|Epochs)" "$RESULTS/benchmark.md" "$RESULTS/compiled/benchmark.md" \
+    "$RESULTS/cifar-stem/benchmark.md" 2>/dev/null
 } > "$SUMMARY"
 cat "$SUMMARY"
 
 if [ -n "${OUT:-}" ]; then
-  mkdir -p "$OUT/compiled"
-  for file in gpu_check.log summary.md benchmark.json benchmark.md benchmark.png compiled/benchmark.json compiled/benchmark.md; do
+  mkdir -p "$OUT/compiled" "$OUT/cifar-stem"
+  for file in gpu_check.log summary.md benchmark.json benchmark.md benchmark.png compiled/benchmark.json \
+      compiled/benchmark.md profile.md cifar-stem/benchmark.json cifar-stem/benchmark.md; do
     [ -f "$RESULTS/$file" ] && cp "$RESULTS/$file" "$OUT/$file"
   done
 fi

@@ -51,6 +51,31 @@ def test_float64_every_mode_matches_reference_tightly(position, r, size):
     torch.testing.assert_close(got, reference_lambda(layer, x, training=False), rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("batched_entries", [0, 2 ** 40], ids=["one-gemm", "bmm"])
+@pytest.mark.parametrize("position", ["absolute", "relative"])
+@pytest.mark.parametrize("dim_u", [1, 3])
+def test_both_ways_of_meeting_e_match_the_reference_and_each_other(position, dim_u, batched_entries, monkeypatch):
+    """GlobalLambdas forms E V in one GEMM over the batch or in a bmm of E expanded over it
+    (E_BATCHED_ENTRIES picks by E's size): each matches the float64 loop reference, and both give the
+    same output and gradients (float64)."""
+    import lambda_layer
+
+    layer = mode_layer(position, None, (3, 4), dim_u=dim_u).double().train()
+    x = torch.randn(2, 6, 3, 4, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(2, 8, 3, 4, dtype=torch.float64)
+    grads = []
+    for entries in (batched_entries, 2 ** 40 - batched_entries):  # this way, then the other
+        monkeypatch.setattr(lambda_layer, "E_BATCHED_ENTRIES", entries)
+        out = layer(x)
+        grads.append([out.detach(), *torch.autograd.grad((out * weights).sum(), [x, *layer.parameters()])])
+    layer.eval()
+    monkeypatch.setattr(lambda_layer, "E_BATCHED_ENTRIES", batched_entries)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), reference_lambda(layer, x, training=False), rtol=1e-10, atol=1e-10)
+    for ours, other in zip(*grads):
+        torch.testing.assert_close(ours, other, rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.parametrize("position", ["absolute", "relative"])
 def test_heads_wider_and_narrower_than_keys_match_the_reference(position):
     """h 1, k 4, v 8 (h k < v) and h 2, k 3, v 4 (h k > v) on a 3x4 map, u 2 (the former einsum-order cases)."""
@@ -372,7 +397,7 @@ def test_kernel_count_per_step_is_at_most_1_8x_the_baseline():
     args = build_parser().parse_args(["--device", "cpu", "--batch-size", "2"])
     resolve_args(args)
     counts = {}
-    for variant in model_variants():
+    for variant in model_variants(args):
         torch.manual_seed(0)
         model = prep.build_model(model_config(variant, args))
         counts[variant.get("lambda_position", "baseline")] = step_kernels(model, args, torch.device("cpu"))
@@ -437,13 +462,17 @@ def test_global_lambdas_gradients_match_autograd():
     embedding = torch.randn(6, 8, dtype=torch.float64, requires_grad=True)  # n*k = 3*2, m*u = 4*2
     keys = torch.randn(3, 8, 2, dtype=torch.float64, requires_grad=True)
     values = torch.randn(3, 8, 5, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(GlobalLambdas.apply, (embedding, keys, values))
-    assert torch.autograd.gradcheck(GlobalLambdas.apply, (embedding.detach().t().contiguous().t().requires_grad_(),
-                                                         keys, values[:, :, 1:]))  # strided operands
-    for embedding in (torch.randn(6, 8), torch.randn(8, 6).t()):  # absolute E; relative E, gathered as E^T
-        embedding.requires_grad_()
-        GlobalLambdas.apply(embedding, keys.detach().float(), values.detach().float()).sum().backward()
-        assert embedding.grad.stride() == embedding.stride()  # E's gradient is written in E's layout
+    for entries in (0, 2 ** 40):  # one GEMM over the batch; a bmm of E expanded over it
+        with patch("lambda_layer.E_BATCHED_ENTRIES", entries):
+            assert torch.autograd.gradcheck(GlobalLambdas.apply, (embedding, keys, values))
+            transposed = embedding.detach().t().contiguous().t().requires_grad_()
+            assert torch.autograd.gradcheck(GlobalLambdas.apply, (transposed, keys, values[:, :, 1:]))  # strided
+    for entries in (0, 2 ** 40):
+        for embedding in (torch.randn(6, 8), torch.randn(8, 6).t()):  # absolute E; relative E, gathered as E^T
+            embedding.requires_grad_()
+            with patch("lambda_layer.E_BATCHED_ENTRIES", entries):
+                GlobalLambdas.apply(embedding, keys.detach().float(), values.detach().float()).sum().backward()
+            assert embedding.grad.stride() == embedding.stride()  # E's gradient is written in E's layout
 
 
 def test_uncounted_norm_matches_batchnorm_and_converts_to_syncbatchnorm():

@@ -1,0 +1,116 @@
+"""Training steps of the lambda ResNet with this tree's lambda_layer.py and with another commit's, side by side.
+
+    python benchmarks/layer_versions.py --commit 0baa330 --stem cifar --batch-size 32
+
+Builds the baseline and, for each --positions mode, the lambda network twice: once with the working
+tree's LambdaLayer and once with the one `git show COMMIT:lambda_layer.py` gives (everything else is
+this tree's). Times forward + loss + backward + Adam step round-robin, --rounds rounds after 2
+untimed ones, and prints the median step time, images/s and the ratio to the baseline's images/s.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from unittest.mock import patch
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import benchmark  # noqa: E402
+import model_preparation as prep  # noqa: E402
+import user_input  # noqa: E402
+from nntrain import synchronize  # noqa: E402
+
+
+def layer_module_at(commit: str):
+    """lambda_layer.py as it was at `commit`, imported under another name."""
+    shown = subprocess.run(["git", "show", f"{commit}:lambda_layer.py"], capture_output=True, text=True)
+    if shown.returncode:
+        raise user_input.ConfigError(f"--commit {commit}: {shown.stderr.strip()}")
+    path = os.path.join(tempfile.mkdtemp(prefix="layer-versions-"), f"lambda_layer_{commit}.py")
+    with open(path, "w") as f:
+        f.write(shown.stdout)
+    spec = importlib.util.spec_from_file_location(f"lambda_layer_{commit}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def build(variant: dict, args, layer_module=None) -> torch.nn.Module:
+    """The model of `variant`, its lambda layers from `layer_module` when given."""
+    torch.manual_seed(0)
+    config = benchmark.model_config(variant, args)
+    if layer_module is None:
+        return prep.build_model(config)
+    with patch("resnet_lambda.LambdaLayer", layer_module.LambdaLayer), \
+            patch("resnet_lambda.make_position_embedding", layer_module.make_position_embedding):
+        return prep.build_model(config)
+
+
+def training_step(model: torch.nn.Module, args, device: torch.device):
+    model.to(device).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    images = torch.randn(args.batch_size, 3, 32, 32, device=device)
+    labels = torch.randint(0, 10, (args.batch_size,), device=device)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(model(images), labels).backward()
+        optimizer.step()
+    return step
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--commit", required=True, help="the commit whose lambda_layer.py to compare with")
+    parser.add_argument("--stem", default="imagenet", choices=user_input.CHOICES["stem"])
+    parser.add_argument("--positions", default="relative,conv", help="lambda modes, comma-separated")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=5, help="timed rounds (median)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--num-threads", type=int, default=0)
+    args = parser.parse_args(argv)
+    args.channels_last, args.compile, args.amp, args.depth = "auto", False, "auto", 50
+    device = prep.select_device(args.device)
+    prep.configure_backends({"num_threads": args.num_threads, "cudnn_benchmark": True}, device)
+    try:
+        old = layer_module_at(args.commit)
+        variants = {"baseline": ({"model": "baseline"}, None)}
+        for mode in args.positions.split(","):
+            variant = {"model": "lambda", "lambda_position": mode}
+            variants[f"{mode} (this tree)"] = (variant, None)
+            variants[f"{mode} ({args.commit})"] = (variant, old)
+        steps = {name: training_step(build(variant, args, module), args, device)
+                 for name, (variant, module) in variants.items()}
+    except user_input.ConfigError as error:
+        print(f"layer_versions.py: error: {error}", file=sys.stderr)
+        return 2
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for round_ in range(2 + args.rounds):
+        for name, step in steps.items():
+            synchronize(device)
+            start = time.perf_counter()
+            step()
+            synchronize(device)
+            if round_ >= 2:
+                times[name].append(time.perf_counter() - start)
+    baseline = statistics.median(times["baseline"])
+    print(f"ResNet-50, {args.stem} stem, batch {args.batch_size}, {device}, {torch.get_num_threads()} threads, "
+          f"{args.rounds} rounds (median, min-max); load average {os.getloadavg()[0]:.2f} at the end\n")
+    print("| model (lambda_layer.py) | step ms | min-max | train img/s | / baseline |\n|---|---|---|---|---|")
+    for name, seconds in times.items():
+        median = statistics.median(seconds)
+        print(f"| {name} | {1000 * median:.0f} | {1000 * min(seconds):.0f}-{1000 * max(seconds):.0f} "
+              f"| {args.batch_size / median:.1f} | {baseline / median:.2f}x |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
