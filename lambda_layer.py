@@ -15,7 +15,9 @@ lambda_p[n] = sum_m E[n, m]^T V[m] (the content lambda is the same in all of the
 - ``"conv"``: local context of r x r positions, the lambda convolution: a 3D convolution of the
   values (u channels) over (H, W, v) with an r x r x 1 kernel per key dimension, kernel parameter
   of shape (k, u, 1, r, r), zero padding r // 2 in H and W. Works for any H x W; no (n, m, k)
-  tensor exists.
+  tensor exists, except on the map the layer was made for (``size=``) when the kernel covers it
+  (r >= 2H-1, 2W-1): then it is a global relative context with the kernel as its table, and E is
+  gathered from the kernel as in "relative" (``gathers``; same output, tested).
 
 Embeddings may be shared between layers (pass ``embedding=``). Not implemented: a context other
 than the input map itself (C = X in every mode).
@@ -32,17 +34,16 @@ conv       r^2 k u                Theta(b n r^2 k u v)           Theta(b n k v),
 
 plus, in every mode, the projections Theta(b n d (hk + ku + vu)), the content lambda
 Theta(b m k u v) and applying the lambdas to the queries Theta(b h n k v). "relative" gathers its
-(n, m, k, u) E from the table in each forward pass (the paper's Theta(k n m) memory); "conv"
-could equally run a global relative context (r = 2 max(H, W) - 1, tested), at about 4x the time.
+(n, m, k, u) E from the table in each forward pass (the paper's Theta(k n m) memory), and so does
+"conv" on a map its kernel covers (where n m <= n r^2).
 The lambdas are always computed before they meet the queries (lambda_p = E^T V first), and
 lambda_c + lambda_p is formed before the one contraction with the queries.
 
 Kernels and layouts (docs/lambda-speed.md has the measurements): a handful of kernel-launching aten
-ops per training forward + backward (8x8 map, u = 1: 21 absolute, 23 relative, 22 conv with r 23,
-20 with r <= 15, 20 relative on maps of <= 4 positions; u = 3: 22, 24, 24; counted by
-``benchmark.py``, asserted in tests/test_lambda_modes.py), and every contraction a batched GEMM on
-views, no copies when u = 1 except the lambda convolution's one copy of the values into its
-channels-last volume:
+ops per training forward + backward (u = 1: 21 absolute, 23 relative or conv gathering E, 20
+as the 3D convolution; u = 3: 22, 24, 22; counted by ``benchmark.py``, asserted in
+tests/test_lambda_modes.py), and every contraction a batched GEMM on views, no copies when u = 1
+except the 3D convolution's one copy of the values into its channels-last volume:
 
 - one 1x1 convolution projects queries, values and keys (one GEMM); its kernel has channels_last
   strides, so the output is positions-major ([b, n, channels] in memory) whatever x's layout;
@@ -55,8 +56,8 @@ channels-last volume:
   channels-last 3D convolution over (H, W, v) whose output is already [b, n, v, k] in memory
   ("relative" on maps of <= RELATIVE_AS_CONV_POSITIONS positions too, with its table as the
   kernel: no gather);
-- the relative table is stored in the layout its path reads (``relative_table_layout``): gathered
-  rows that are E^T as [m*u, n*k] as they come, or the channels-last layout of the kernel's gradient;
+- tables and kernels are stored in the layout their path reads (``make_position_embedding``):
+  gathered rows that are E^T as [m*u, n*k] as they come, or the layout of the 3D convolution;
 - queries: bmm [b*n, h, k] x [b*n, k, v]; the output is returned channels_last (a view);
 - backward of the global modes (``GlobalLambdas``): E's gradient is one GEMM over (b, v), after
   copying the lambdas' gradient and the values to [n*k, b*v] and [m*u, b*v].
@@ -74,67 +75,63 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 POSITIONS = ("absolute", "relative", "conv")
-# "relative" on maps of at most this many positions runs as the lambda convolution with its table as
-# the kernel: fewer kernels (no gather), at most 2.25x the multiply-adds of the gathered E (2x2 maps)
+# Global relative and a lambda convolution whose kernel covers the map (r >= 2H-1, 2W-1) are one
+# function: E[n, m] = table[m - n]. Maps of at most this many positions run it as the 3D convolution
+# (at most 2.25x the multiply-adds of the gathered E, on 2x2 maps, and no gather), larger maps as
+# the gathered E and a GEMM (the conv's backward, with its one input channel, is slow: on a CPU 6x
+# its forward, 42 ms of a 62 ms layer at 8x8, batch 128)
 RELATIVE_AS_CONV_POSITIONS = 4
 # E of at most this many entries (an 8x8 map with k 16, u 1: 256 KB in float32, cache-resident) meets the
 # values in a bmm over the batch; a larger one in one GEMM that reads it once (GlobalLambdas)
 E_BATCHED_ENTRIES = 64 * 64 * 16
 
 
+def gathers(position: str, size: tuple[int, int] | None, r: int | None = None) -> bool:
+    """Whether a "relative" or "conv" layer made for an H x W map gathers E from its table or kernel
+    (else it runs the 3D convolution): more than RELATIVE_AS_CONV_POSITIONS positions and, for "conv",
+    a kernel that covers the map."""
+    if size is None or position == "absolute" or size[0] * size[1] <= RELATIVE_AS_CONV_POSITIONS:
+        return False
+    return position == "relative" or (r >= 2 * size[0] - 1 and r >= 2 * size[1] - 1)
+
+
 def make_position_embedding(size: tuple[int, int] | None, dim_k: int, dim_u: int = 1,
                             position: str = "absolute", r: int | None = None) -> nn.Parameter:
-    """E ~ N(0, 1) as in the paper: (n, m, k, u), (2H-1, 2W-1, k, u) or conv kernel (k, u, 1, r, r)."""
+    """E ~ N(0, 1) as in the paper: (n, m, k, u), (2H-1, 2W-1, k, u) or conv kernel (k, u, 1, r, r), stored
+    in the memory layout the layer's forward reads without a copy (``stored_as``); for "conv", ``size``
+    (optional) is the map the layer is made for."""
     if position == "conv":
-        return nn.Parameter(torch.randn(dim_k, dim_u, 1, r, r))
+        kernel = torch.randn(dim_k, dim_u, 1, r, r)
+        # gathered rows [u*r*r, k] (stored u, 1, r, r, k), or the 3D convolution's own layout
+        return nn.Parameter(stored_as(kernel, (1, 2, 3, 4, 0)) if gathers(position, size, r) else kernel)
     height, width = size
     if position == "relative":
-        return nn.Parameter(relative_table_layout(torch.randn(2 * height - 1, 2 * width - 1, dim_k, dim_u)))
+        table = torch.randn(2 * height - 1, 2 * width - 1, dim_k, dim_u)
+        # gathered rows [u*(2H-1)*(2W-1), k] (stored u, 2H-1, 2W-1, k), or the conv kernel's gradient's
+        # channels-last layout (stored k, 2H-1, 2W-1, u); with u = 1 the first is the contiguous one
+        return nn.Parameter(stored_as(table, (3, 0, 1, 2) if gathers(position, size) else (2, 0, 1, 3)))
     n = height * width
-    # indexed E[n, m, k, u] as in the paper, stored (n, k, m, u) so that E is the [n*k, m*u] matrix of
-    # one GEMM without a copy (LambdaLayer._position_lambdas); .to() and load_state_dict keep strides
+    # indexed E[n, m, k, u] as in the paper, stored (n, k, m, u): the [n*k, m*u] matrix of GlobalLambdas
     return nn.Parameter(torch.randn(n, dim_k, n, dim_u).permute(0, 2, 1, 3))  # n, m, k, u
 
 
-def relative_table_layout(table: torch.Tensor) -> torch.Tensor:
-    """The relative table (2H-1, 2W-1, k, u) copied into the memory layout its forward reads as is.
-
-    A map of <= RELATIVE_AS_CONV_POSITIONS positions reads the table as a lambda-convolution kernel:
-    stored (k, 2H-1, 2W-1, u), the channels-last layout of that kernel's gradient, which then needs no
-    re-layout. A larger map gathers rows of it: stored (u, 2H-1, 2W-1, k), the [u*(2H-1)*(2W-1), k]
-    matrix whose gathered rows form E^T as [m*u, n*k] without a copy (LambdaLayer._lambdas). With
-    u = 1 the second layout is the contiguous one. Any layout gives the same output; these save copies.
-    """
-    rows, cols, k, u = table.shape
-    if (rows // 2 + 1) * (cols // 2 + 1) <= RELATIVE_AS_CONV_POSITIONS:
-        order = (2, 0, 1, 3)  # stored k, 2H-1, 2W-1, u
-    else:
-        order = (3, 0, 1, 2)  # stored u, 2H-1, 2W-1, k
-    stored = table.permute(order).contiguous()
-    return stored.permute(tuple(order.index(axis) for axis in range(4)))  # 2H-1, 2W-1, k, u (a view)
+def stored_as(tensor: torch.Tensor, order: tuple[int, ...]) -> torch.Tensor:
+    """``tensor`` (same shape and values) with its axes laid out in memory in ``order``, outermost first.
+    .to(), state_dict() and load_state_dict() keep the layout."""
+    stored = tensor.permute(order).contiguous()
+    return stored.permute(tuple(order.index(axis) for axis in range(tensor.dim())))
 
 
-def relative_index(size: tuple[int, int]) -> torch.Tensor:
-    """[n, m] row of the flattened (2H-1)(2W-1) table holding offset m - n (context minus query)."""
+def relative_index(size: tuple[int, int], table_size: tuple[int, int] | None = None) -> torch.Tensor:
+    """[n, m] row of the flattened table (2H-1 x 2W-1 unless ``table_size``, an odd r x r kernel's
+    side) holding offset m - n (context minus query), the offset (0, 0) at the table's centre."""
     height, width = size
+    table_rows, table_cols = table_size or (2 * height - 1, 2 * width - 1)
     rows, cols = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
     rows, cols = rows.reshape(-1), cols.reshape(-1)  # n
-    offset_rows = rows[None, :] - rows[:, None] + height - 1  # n, m: m_y - n_y + H - 1
-    offset_cols = cols[None, :] - cols[:, None] + width - 1   # n, m: m_x - n_x + W - 1
-    return offset_rows * (2 * width - 1) + offset_cols  # n, m
-
-
-def reachable_kernel(kernel: torch.Tensor, height: int, width: int) -> tuple[torch.Tensor, int, int]:
-    """The centre of an r x r lambda-convolution kernel that an H x W map can reach, and its padding.
-
-    With zero padding r // 2, a kernel tap at an offset of H or more rows (W or more columns) from
-    the query only ever meets padding; cutting those taps away gives the same output with less work
-    (a 23 x 23 kernel on an 8 x 8 map runs as 15 x 15).
-    """
-    centre = kernel.shape[-1] // 2  # kernel: k, u, 1, r, r
-    pad_y, pad_x = min(centre, height - 1), min(centre, width - 1)
-    kernel = kernel[..., centre - pad_y:centre + pad_y + 1, centre - pad_x:centre + pad_x + 1]  # k, u, 1, <=r, <=r
-    return kernel, pad_y, pad_x
+    offset_rows = rows[None, :] - rows[:, None] + table_rows // 2  # n, m: m_y - n_y + centre
+    offset_cols = cols[None, :] - cols[:, None] + table_cols // 2  # n, m: m_x - n_x + centre
+    return offset_rows * table_cols + offset_cols  # n, m
 
 
 class UncountedBatchNorm2d(nn.BatchNorm2d):
@@ -218,7 +215,9 @@ class LambdaLayer(nn.Module):
         dim_k: query / key size k.
         dim_u: intra-depth u.
         r: local context size of the lambda convolution (odd); only with ``position="conv"``.
-        size: (H, W) of the feature map; required by "absolute" and "relative", unused by "conv".
+        size: (H, W) of the feature map; required by "absolute" and "relative"; optional for "conv",
+            which runs on any map and, on the map it was made for, gathers E from its kernel when
+            that kernel covers the map (``gathers``).
         position: "absolute", "relative" or "conv" (module docstring).
         embedding: an existing E of this mode's shape to share with other layers.
     """
@@ -249,11 +248,12 @@ class LambdaLayer(nn.Module):
         assert tuple(embedding.shape) == expected, (
             f"{position} embedding shape {tuple(embedding.shape)} != {expected}")
         self.embedding = embedding
-        if position == "relative":
-            # [m, u, n]: the row of the [u*(2H-1)*(2W-1), k] table (relative_table_layout) holding E[n, m, :, u];
-            # the gather then yields E^T as the [m*u, n*k] matrix without a copy
-            table_rows = (2 * self.size[0] - 1) * (2 * self.size[1] - 1)
-            index = relative_index(self.size).t()[:, None, :] + table_rows * torch.arange(dim_u)[:, None]  # m, u, n
+        if gathers(position, self.size, r):
+            # [m, u, n]: the row of the [u*rows*cols, k] table (the relative table, or the conv kernel with
+            # rows = cols = r) holding E[n, m, :, u]; the gather then yields E^T as the [m*u, n*k] matrix
+            table_size = tuple(self._embedding_shape()[:2]) if position == "relative" else (r, r)
+            index = relative_index(self.size, table_size).t()[:, None, :]  # m, 1, n
+            index = index + table_size[0] * table_size[1] * torch.arange(dim_u)[:, None]  # m, u, n
             self.register_buffer("relative_index", index.contiguous(), persistent=False)
         self.reset_parameters()
 
@@ -264,14 +264,15 @@ class LambdaLayer(nn.Module):
 
     @staticmethod
     def _checked_size(position: str, r: int | None, size) -> tuple[int, int] | None:
-        """(H, W) for the global modes, None for "conv"; refuses arguments that do not fit the mode."""
+        """(H, W), or None for "conv" without a size; refuses arguments that do not fit the mode."""
         if position not in POSITIONS:
             raise ValueError(f"position={position!r} is not one of {', '.join(POSITIONS)}")
         if position == "conv":
             if r is None or r < 1 or r % 2 == 0:
                 raise ValueError(f"position='conv' needs an odd local context size r >= 1, got r={r}")
-            return None
-        if r is not None:
+            if size is None:
+                return None
+        elif r is not None:
             raise ValueError(f"r={r} is the local context of position='conv'; {position!r} has a global context")
         if size is None:
             raise ValueError(f"size=(H, W) is required for the {position} position embeddings")
@@ -296,7 +297,7 @@ class LambdaLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, _, height, width = x.shape
-        assert self.size is None or (height, width) == self.size, (
+        assert self.position == "conv" or (height, width) == self.size, (
             f"input map {height}x{width} != the {self.size[0]}x{self.size[1]} map the {self.position} "
             f"embeddings were made for")
         n, h, k, u, v = height * width, self.heads, self.dim_k, self.dim_u, self.dim_v
@@ -323,20 +324,20 @@ class LambdaLayer(nn.Module):
         b, _, v = values.shape
         n, k, u = height * width, self.dim_k, self.dim_u
         embedding = self.embedding.to(values.dtype)
-        if self.position == "conv" or (self.position == "relative" and n <= RELATIVE_AS_CONV_POSITIONS):
-            if self.position == "conv":
-                kernel, _, _ = reachable_kernel(embedding, height, width)  # k, u, 1, <=r, <=r
-            else:  # the table is the lambda convolution's kernel with r = 2H-1 (2W-1), all of it reachable
-                kernel = embedding.permute(2, 3, 0, 1).unsqueeze(2)  # k, u, 1, 2H-1, 2W-1
+        if self.position == "absolute":
+            embedding = embedding.permute(0, 2, 1, 3).reshape(n * k, n * u)  # n*k, m*u (a view: stored n, k, m, u)
+        elif gathers(self.position, self.size, self.r) and (height, width) == self.size:
+            if self.position == "relative":
+                table = embedding.permute(3, 0, 1, 2).reshape(-1, k)     # u*(2H-1)*(2W-1), k (a view: stored so)
+            else:
+                table = embedding.permute(1, 2, 3, 4, 0).reshape(-1, k)  # u*r*r, k (a view: stored so)
+            rows = F.embedding(self.relative_index, table)  # m, u, n, k: E^T
+            embedding = rows.reshape(n * u, n * k).t()       # n*k, m*u (the transpose of a contiguous E^T)
+        else:  # the 3D convolution; a relative table is the kernel of r = 2H-1 (2W-1)
+            kernel = embedding if self.position == "conv" else embedding.permute(2, 3, 0, 1).unsqueeze(2)  # k, u, 1, ., .
             # computed as (V^T K)^T: the keys' gradient then comes out [b, m*u, k], the softmax's layout
             content_lambda = torch.bmm(values.transpose(1, 2), keys).transpose(1, 2)  # b, k, v
             return self._conv_position_lambdas(values, kernel, height, width) + content_lambda[:, None]
-        if self.position == "relative":
-            table = embedding.permute(3, 0, 1, 2).reshape(-1, k)  # u*(2H-1)*(2W-1), k (a view: relative_table_layout)
-            rows = F.embedding(self.relative_index, table)         # m, u, n, k: E^T
-            embedding = rows.reshape(n * u, n * k).t()              # n*k, m*u (the transpose of a contiguous E^T)
-        else:
-            embedding = embedding.permute(0, 2, 1, 3).reshape(n * k, n * u)  # n*k, m*u (a view: stored n, k, m, u)
         return GlobalLambdas.apply(embedding, keys, values).reshape(b, n, k, v)  # b, n, k, v
 
     def _conv_position_lambdas(self, values: torch.Tensor, kernel: torch.Tensor, height: int,
