@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Check a GPU machine in one command (about 6 minutes on an H100):
+# Check a GPU machine in one command (at most 7 minutes on an H100):
 #   benchmarks/gpu_check.sh                 the GPU test suite, then benchmark.py on CUDA: models, layers,
 #                                           and the epochs table under COMPILE=off, graph and reduce-overhead;
 #                                           a profile of each model's step; the CIFAR-stem models
