@@ -25,6 +25,8 @@ from __future__ import annotations
 import argparse
 import collections
 import gc
+import importlib
+import importlib.metadata
 import json
 import os
 import platform
@@ -402,12 +404,22 @@ def timm_lambda_layer(args, size: int, r: int | None) -> nn.Module:
                            dim_head=args.qk_size, r=r)
 
 
-def timm_status() -> str:
+# optional benchmark extras, distribution -> module: timm, and lucidrains' layer (pip install lambda-networks)
+EXTRAS = {"timm": "timm", "lambda-networks": "lambda_networks"}
+
+
+def extra_version(distribution: str) -> str | None:
+    """The installed version of an optional extra, None when it cannot be imported."""
     try:
-        import timm
+        importlib.import_module(EXTRAS[distribution])
     except ImportError:
-        return "timm not installed"
-    return f"timm {timm.__version__}"
+        return None
+    return importlib.metadata.version(distribution)
+
+
+def extra_status(distribution: str) -> str:
+    version = extra_version(distribution)
+    return f"{distribution} {version}" if version else f"{distribution} not installed"
 
 
 def lucidrains_lambda_layer(args, size: int, r: int | None) -> nn.Module:
@@ -417,23 +429,14 @@ def lucidrains_lambda_layer(args, size: int, r: int | None) -> nn.Module:
                                  n=None if r else size, r=r)
 
 
-def lucidrains_status() -> str:
-    try:
-        from importlib.metadata import version
-        import lambda_networks  # noqa: F401 (an optional benchmark extra: pip install lambda-networks)
-    except ImportError:
-        return "lambda-networks not installed"
-    return f"lambda-networks {version('lambda-networks')}"
-
-
 def layer_builders(args) -> dict:
     builders = {f"lambda ({mode})": (lambda size, mode=mode: lambda_layer(args, size, mode)) for mode in POSITIONS}
     builders["attention (materialised)"] = lambda size: SelfAttention(args.width, args.heads, fused=False)
     builders["attention (SDPA)"] = lambda size: SelfAttention(args.width, args.heads, fused=True)
-    if timm_status() != "timm not installed":
+    if extra_version("timm"):
         builders["timm lambda (relative)"] = lambda size: timm_lambda_layer(args, size, None)
         builders[f"timm lambda (conv, r={args.lambda_r})"] = lambda size: timm_lambda_layer(args, size, args.lambda_r)
-    if lucidrains_status() != "lambda-networks not installed":
+    if extra_version("lambda-networks"):
         builders["lucidrains lambda (relative)"] = lambda size: lucidrains_lambda_layer(args, size, None)
         builders[f"lucidrains lambda (conv, r={args.lambda_r})"] = (
             lambda size: lucidrains_lambda_layer(args, size, args.lambda_r))
@@ -786,9 +789,9 @@ def run(args, argv: list[str]) -> dict:
     settings = {key: value for key, value in vars(args).items()}
     settings["amp"] = amp
     report = {"machine": machine(device), "settings": settings, "memory_method": memory_method(device),
-              "timm": timm_status(), "command": " ".join(["python", PROG, *argv]),
+              "timm": extra_status("timm"), "command": " ".join(["python", PROG, *argv]),
               "models": models, "layers": layers, "epochs": epochs, "targets": targets(models, layers, args),
-              "mixers": mixers, "lucidrains": lucidrains_status()}
+              "mixers": mixers, "lucidrains": extra_status("lambda-networks")}
     with open(os.path.join(out, "benchmark.json"), "w") as f:
         json.dump(report, f, indent=1)
     table = markdown(report) + mixers_markdown(mixers) + epochs_markdown(epochs)

@@ -425,11 +425,17 @@ def test_relative_table_is_stored_in_the_layout_its_path_reads(size, stored, tmp
     torch.testing.assert_close(other.embedding, layer.embedding, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("position, r, size", [("absolute", None, (3, 4)), ("relative", None, (3, 5)),
-                                               ("conv", 5, (4, 3))], ids=["absolute", "relative", "conv"])
-def test_layer_compiles_without_graph_breaks(position, r, size):
+@pytest.mark.parametrize("position, r, size, batched_entries", [
+    ("absolute", None, (3, 4), 2 ** 40), ("relative", None, (3, 5), 2 ** 40), ("relative", None, (3, 5), 0),
+    ("conv", 5, (4, 3), 2 ** 40), ("conv", 7, (3, 4), 0)],
+    ids=["absolute", "relative", "relative-one-gemm", "conv-3d", "conv-gathered-one-gemm"])
+def test_layer_compiles_without_graph_breaks(position, r, size, batched_entries, monkeypatch):
     """torch.compile(fullgraph=True) traces forward and backward whole (AOT autograd, no code generation:
-    fast) and gives the eager outputs and gradients."""
+    fast) and gives the eager outputs and gradients, on every path: E met by a bmm or one GEMM
+    (E_BATCHED_ENTRIES), the lambda convolution as a 3D convolution or gathered from its kernel."""
+    import lambda_layer
+
+    monkeypatch.setattr(lambda_layer, "E_BATCHED_ENTRIES", batched_entries)
     layer = mode_layer(position, r, size, dim_u=2).train()
     x = torch.randn(2, 6, *size)
     compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
