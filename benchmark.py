@@ -36,6 +36,7 @@ import sys
 import tempfile
 import time
 import weakref
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -228,12 +229,21 @@ def model_variants(args) -> list[dict]:
     return variants
 
 
-def benchmark_model(variant: dict, args, device: torch.device, amp: str, build=prep.build_model) -> dict:
-    """Training and inference throughput and peak training memory of one ResNet variant (--depth)
-    (``build(config)`` makes the model: the identity-mixer floor of the mixer table passes its own)."""
-    config = model_config(variant, args)
-    torch.manual_seed(0)
-    model = prep.speed_up(build(config).to(device), config, device)
+@dataclass
+class ModelSteps:
+    """A model set up as a run trains it, on one fixed batch of random 32x32 images (``model_steps``)."""
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    images: torch.Tensor
+    labels: torch.Tensor
+    train_step: object  # () -> None: forward, loss, backward and optimizer step under the run's AMP
+    infer_step: object  # () -> None: a forward under no_grad
+
+
+def model_steps(model: nn.Module, config: dict, args, device: torch.device, amp: str) -> ModelSteps:
+    """``model`` sped up as the run does (channels_last, compile), its optimizer, loss, autocast and
+    scaler, and a training and an inference step on --batch-size random images."""
+    model = prep.speed_up(model.to(device), config, device)
     optimizer = prep.build_optimizer(model, config)
     criterion = prep.build_criterion(config)
     autocast, scaler = prep.autocast(amp, device), prep.build_scaler(amp, device)
@@ -254,6 +264,18 @@ def benchmark_model(variant: dict, args, device: torch.device, amp: str, build=p
         with autocast:
             model(images)
 
+    return ModelSteps(model, optimizer, images, labels, train_step, infer_step)
+
+
+def benchmark_model(variant: dict, args, device: torch.device, amp: str, build=prep.build_model) -> dict:
+    """Training and inference throughput and peak training memory of one ResNet variant (--depth)
+    (``build(config)`` makes the model: the identity-mixer floor of the mixer table passes its own)."""
+    config = model_config(variant, args)
+    torch.manual_seed(0)
+    steps = model_steps(build(config), config, args, device, amp)
+    model, optimizer, images, labels = steps.model, steps.optimizer, steps.images, steps.labels
+    train_step, infer_step = steps.train_step, steps.infer_step
+
     model.train()
     static = [*model.parameters(), *model.buffers(), images, labels]
     train = measure(train_step, device, args.warmup, args.iters, static + tree_flatten(optimizer.state_dict()["state"])[0])
@@ -264,7 +286,7 @@ def benchmark_model(variant: dict, args, device: torch.device, amp: str, build=p
               "train_img_s": args.batch_size / train["median_s"], "infer_img_s": args.batch_size / infer["median_s"],
               "train_step_ms": 1000 * train["median_s"], "train_peak_mb": train["peak_mb"],
               "infer_peak_mb": infer["peak_mb"]}
-    del model, optimizer
+    del model, optimizer, steps
     gc.collect()
     return result
 

@@ -6,7 +6,8 @@
 #   benchmarks/gpu_check.sh --cpu-dry-run   the same steps, tiny, on the CPU: checks this script, not the GPU
 # Writes benchmarks/results/<gpu name>/: gpu_check.log (everything printed), summary.md (each step's
 # exit status and time, then the tables), benchmark.json/.md/.png, compiled/benchmark.json/.md,
-# profile.md (benchmarks/profile_step.py) and cifar-stem/benchmark.json/.md.
+# profile.md (benchmarks/profile_step.py), cifar-stem/benchmark.json/.md and, where the git history
+# is there, layer_versions.md (benchmarks/layer_versions.py against the layer before issue 12).
 # A step that fails or runs past its time budget is logged and the next one still runs; the exit
 # status is the number of failed steps. With $OUT set, the results are copied there too.
 set -u
@@ -66,13 +67,15 @@ if [ "$DRY" = 1 ]; then
   COMPILED=("${SMALL[@]}" --skip-models --epoch-models baseline --epoch-compile graph)  # no compile on the CPU: minutes
   PROFILE=(--batch-size 2 --steps 1 --top 5 --num-threads 1)
   CIFAR=("${SMALL[@]}" --stem cifar --skip-epochs)
+  VERSIONS=(--batch-size 2 --rounds 1 --num-threads 1)
 else
   DEVICE=cuda
   BENCH=(--epoch-train-size 5000 --epoch-test-size 1000 --epoch-compile off,graph)
   COMPILED=(--skip-models --sizes 8 --epoch-models baseline --epoch-train-size 5000 --epoch-test-size 1000
             --epoch-compile reduce-overhead)
   PROFILE=(--steps 5)
-  CIFAR=(--stem cifar --skip-epochs --sizes 8)
+  VERSIONS=(--batch-size 128 --rounds 5)
+  CIFAR=(--stem cifar --skip-epochs --sizes 8 --iters 3)
 fi
 
 step environment 30 $PYTHON -c 'import torch, platform; print("torch", torch.__version__, "CUDA", torch.version.cuda,
@@ -86,6 +89,13 @@ step benchmark 150 $PYTHON benchmark.py --device $DEVICE --out "$RESULTS" "${BEN
 step profile 45 $PYTHON benchmarks/profile_step.py --device $DEVICE --out "$RESULTS/profile.md" "${PROFILE[@]}"
 step compiled-epochs 90 $PYTHON benchmark.py --device $DEVICE --out "$RESULTS/compiled" "${COMPILED[@]}"
 step cifar-stem 75 $PYTHON benchmark.py --device $DEVICE --out "$RESULTS/cifar-stem" "${CIFAR[@]}"
+# the network with the layer before issue 12 (0baa330) beside this tree's: needs the git history
+if git rev-parse -q --verify 0baa330^{commit} > /dev/null 2>&1; then
+  step layer-versions 60 $PYTHON benchmarks/layer_versions.py --commit 0baa330 --device $DEVICE \
+    --positions absolute,relative,conv --out "$RESULTS/layer_versions.md" "${VERSIONS[@]}"
+else
+  echo "== layer-versions: skipped, no git history here (0baa330 not found)" | tee -a "$LOG"
+fi
 
 {
   echo "# benchmarks/gpu_check.sh on $NAME"
@@ -101,13 +111,15 @@ step cifar-stem 75 $PYTHON benchmark.py --device $DEVICE --out "$RESULTS/cifar-s
   echo
   grep -h -A 12 -E "^## (Models|Epochs)" "$RESULTS/benchmark.md" "$RESULTS/compiled/benchmark.md" \
     "$RESULTS/cifar-stem/benchmark.md" 2>/dev/null
+  [ -f "$RESULTS/layer_versions.md" ] && { echo; echo "## The layer before issue 12 (0baa330) side by side"; echo;
+    cat "$RESULTS/layer_versions.md"; }
 } > "$SUMMARY"
 cat "$SUMMARY"
 
 if [ -n "${OUT:-}" ]; then
   mkdir -p "$OUT/compiled" "$OUT/cifar-stem"
   for file in gpu_check.log summary.md benchmark.json benchmark.md benchmark.png compiled/benchmark.json \
-      compiled/benchmark.md profile.md cifar-stem/benchmark.json cifar-stem/benchmark.md; do
+      compiled/benchmark.md profile.md cifar-stem/benchmark.json cifar-stem/benchmark.md layer_versions.md; do
     [ -f "$RESULTS/$file" ] && cp "$RESULTS/$file" "$OUT/$file"
   done
 fi

@@ -4,8 +4,9 @@
 
 Builds the baseline and, for each --positions mode, the lambda network twice: once with the working
 tree's LambdaLayer and once with the one `git show COMMIT:lambda_layer.py` gives (everything else is
-this tree's). Times forward + loss + backward + Adam step round-robin, --rounds rounds after 2
-untimed ones, and prints the median step time, images/s and the ratio to the baseline's images/s.
+this tree's). Times benchmark.py's training step (forward, loss, backward, optimizer step, with the
+run's AMP and channels_last) round-robin, --rounds rounds after 2 untimed ones, and prints the
+median step time, images/s and the ratio to the baseline's images/s.
 """
 from __future__ import annotations
 
@@ -20,7 +21,6 @@ import time
 from unittest.mock import patch
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import benchmark  # noqa: E402
@@ -43,28 +43,17 @@ def layer_module_at(commit: str):
     return module
 
 
-def build(variant: dict, args, layer_module=None) -> torch.nn.Module:
-    """The model of `variant`, its lambda layers from `layer_module` when given."""
+def training_step(variant: dict, args, device: torch.device, amp: str, layer_module=None):
+    """benchmark.py's training step of `variant`'s model, its lambda layers from `layer_module` when given."""
     torch.manual_seed(0)
     config = benchmark.model_config(variant, args)
     if layer_module is None:
-        return prep.build_model(config)
-    with patch("resnet_lambda.LambdaLayer", layer_module.LambdaLayer), \
-            patch("resnet_lambda.make_position_embedding", layer_module.make_position_embedding):
-        return prep.build_model(config)
-
-
-def training_step(model: torch.nn.Module, args, device: torch.device):
-    model.to(device).train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-    images = torch.randn(args.batch_size, 3, 32, 32, device=device)
-    labels = torch.randint(0, 10, (args.batch_size,), device=device)
-
-    def step():
-        optimizer.zero_grad(set_to_none=True)
-        F.cross_entropy(model(images), labels).backward()
-        optimizer.step()
-    return step
+        model = prep.build_model(config)
+    else:
+        with patch("resnet_lambda.LambdaLayer", layer_module.LambdaLayer), \
+                patch("resnet_lambda.make_position_embedding", layer_module.make_position_embedding):
+            model = prep.build_model(config)
+    return benchmark.model_steps(model, config, args, device, amp).train_step
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,9 +65,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds (median)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--num-threads", type=int, default=0)
+    parser.add_argument("--out", default=None, help="also write the table to this markdown file")
     args = parser.parse_args(argv)
     args.channels_last, args.compile, args.amp, args.depth = "auto", False, "auto", 50
     device = prep.select_device(args.device)
+    amp = prep.resolve_amp(args.amp, device)
     prep.configure_backends({"num_threads": args.num_threads, "cudnn_benchmark": True}, device)
     try:
         old = layer_module_at(args.commit)
@@ -87,8 +78,7 @@ def main(argv: list[str] | None = None) -> int:
             variant = {"model": "lambda", "lambda_position": mode}
             variants[f"{mode} (this tree)"] = (variant, None)
             variants[f"{mode} ({args.commit})"] = (variant, old)
-        steps = {name: training_step(build(variant, args, module), args, device)
-                 for name, (variant, module) in variants.items()}
+        steps = {name: training_step(variant, args, device, amp, module) for name, (variant, module) in variants.items()}
     except user_input.ConfigError as error:
         print(f"layer_versions.py: error: {error}", file=sys.stderr)
         return 2
@@ -102,13 +92,17 @@ def main(argv: list[str] | None = None) -> int:
             if round_ >= 2:
                 times[name].append(time.perf_counter() - start)
     baseline = statistics.median(times["baseline"])
-    print(f"ResNet-50, {args.stem} stem, batch {args.batch_size}, {device}, {torch.get_num_threads()} threads, "
-          f"{args.rounds} rounds (median, min-max); load average {os.getloadavg()[0]:.2f} at the end\n")
-    print("| model (lambda_layer.py) | step ms | min-max | train img/s | / baseline |\n|---|---|---|---|---|")
+    lines = [f"ResNet-50, {args.stem} stem, batch {args.batch_size}, {device}, AMP {amp}, {torch.get_num_threads()} threads, "
+             f"{args.rounds} rounds (median, min-max); load average {os.getloadavg()[0]:.2f} at the end", "",
+             "| model (lambda_layer.py) | step ms | min-max | train img/s | / baseline |", "|---|---|---|---|---|"]
     for name, seconds in times.items():
         median = statistics.median(seconds)
-        print(f"| {name} | {1000 * median:.0f} | {1000 * min(seconds):.0f}-{1000 * max(seconds):.0f} "
-              f"| {args.batch_size / median:.1f} | {baseline / median:.2f}x |")
+        lines.append(f"| {name} | {1000 * median:.0f} | {1000 * min(seconds):.0f}-{1000 * max(seconds):.0f} "
+                     f"| {args.batch_size / median:.1f} | {baseline / median:.2f}x |")
+    print("\n".join(lines))
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write("\n".join(lines) + "\n")
     return 0
 
 

@@ -22,7 +22,6 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import benchmark  # noqa: E402
 import model_preparation as prep  # noqa: E402
-import user_input  # noqa: E402
 from nntrain import synchronize  # noqa: E402
 
 
@@ -30,20 +29,7 @@ def training_step(variant: dict, args, device: torch.device, amp: str):
     """benchmark.py's training step of one model: AMP, channels_last and fused Adam as a run has them."""
     config = benchmark.model_config(variant, args)
     torch.manual_seed(0)
-    model = prep.speed_up(prep.build_model(config).to(device), config, device).train()
-    optimizer, criterion = prep.build_optimizer(model, config), prep.build_criterion(config)
-    autocast = prep.autocast(amp, device)
-    memory_format = torch.channels_last if user_input.switched_on(args.channels_last, device) else torch.contiguous_format
-    images = torch.randn(args.batch_size, 3, 32, 32, device=device).contiguous(memory_format=memory_format)
-    labels = torch.randint(0, 10, (args.batch_size,), device=device)
-
-    def step():
-        with autocast:
-            loss = criterion(model(images), labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    return step
+    return benchmark.model_steps(prep.build_model(config), config, args, device, amp).train_step
 
 
 def self_time_us(event, on_device: bool) -> float:
