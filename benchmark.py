@@ -240,10 +240,13 @@ class ModelSteps:
     infer_step: object  # () -> None: a forward under no_grad
 
 
-def model_steps(model: nn.Module, config: dict, args, device: torch.device, amp: str) -> ModelSteps:
-    """``model`` sped up as the run does (channels_last, compile), its optimizer, loss, autocast and
-    scaler, and a training and an inference step on --batch-size random images."""
-    model = prep.speed_up(model.to(device), config, device)
+def model_steps(variant: dict, args, device: torch.device, amp: str, build=prep.build_model) -> ModelSteps:
+    """The model of one variant (``build(config)``, seed 0) sped up as the run does (channels_last,
+    compile), its optimizer, loss, autocast and scaler, and a training and an inference step on
+    --batch-size random images."""
+    config = model_config(variant, args)
+    torch.manual_seed(0)
+    model = prep.speed_up(build(config).to(device), config, device)
     optimizer = prep.build_optimizer(model, config)
     criterion = prep.build_criterion(config)
     autocast, scaler = prep.autocast(amp, device), prep.build_scaler(amp, device)
@@ -270,9 +273,7 @@ def model_steps(model: nn.Module, config: dict, args, device: torch.device, amp:
 def benchmark_model(variant: dict, args, device: torch.device, amp: str, build=prep.build_model) -> dict:
     """Training and inference throughput and peak training memory of one ResNet variant (--depth)
     (``build(config)`` makes the model: the identity-mixer floor of the mixer table passes its own)."""
-    config = model_config(variant, args)
-    torch.manual_seed(0)
-    steps = model_steps(build(config), config, args, device, amp)
+    steps = model_steps(variant, args, device, amp, build)
     model, optimizer, images, labels = steps.model, steps.optimizer, steps.images, steps.labels
     train_step, infer_step = steps.train_step, steps.infer_step
 

@@ -43,17 +43,16 @@ def layer_module_at(commit: str):
     return module
 
 
-def training_step(variant: dict, args, device: torch.device, amp: str, layer_module=None):
-    """benchmark.py's training step of `variant`'s model, its lambda layers from `layer_module` when given."""
-    torch.manual_seed(0)
-    config = benchmark.model_config(variant, args)
+def build_with(layer_module):
+    """prep.build_model, its lambda layers from `layer_module` when given (None: this tree's)."""
     if layer_module is None:
-        model = prep.build_model(config)
-    else:
+        return prep.build_model
+
+    def build(config: dict) -> torch.nn.Module:
         with patch("resnet_lambda.LambdaLayer", layer_module.LambdaLayer), \
                 patch("resnet_lambda.make_position_embedding", layer_module.make_position_embedding):
-            model = prep.build_model(config)
-    return benchmark.model_steps(model, config, args, device, amp).train_step
+            return prep.build_model(config)
+    return build
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
             variant = {"model": "lambda", "lambda_position": mode}
             variants[f"{mode} (this tree)"] = (variant, None)
             variants[f"{mode} ({args.commit})"] = (variant, old)
-        steps = {name: training_step(variant, args, device, amp, module) for name, (variant, module) in variants.items()}
+        steps = {name: benchmark.model_steps(variant, args, device, amp, build_with(module)).train_step
+                 for name, (variant, module) in variants.items()}
     except user_input.ConfigError as error:
         print(f"layer_versions.py: error: {error}", file=sys.stderr)
         return 2

@@ -25,13 +25,6 @@ import model_preparation as prep  # noqa: E402
 from nntrain import synchronize  # noqa: E402
 
 
-def training_step(variant: dict, args, device: torch.device, amp: str):
-    """benchmark.py's training step of one model: AMP, channels_last and fused Adam as a run has them."""
-    config = benchmark.model_config(variant, args)
-    torch.manual_seed(0)
-    return benchmark.model_steps(prep.build_model(config), config, args, device, amp).train_step
-
-
 def self_time_us(event, on_device: bool) -> float:
     if not on_device:
         return event.self_cpu_time_total
@@ -93,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     variants = {"baseline": {"model": "baseline"}}
     variants.update({f"lambda {mode}": {"model": "lambda", "lambda_position": mode} for mode in args.positions.split(",")})
     for label, variant in variants.items():
-        section = profile_model(label, training_step(variant, args, device, amp), args, device)
+        step = benchmark.model_steps(variant, args, device, amp).train_step  # as a run trains
+        section = profile_model(label, step, args, device)
         print("\n".join(section), flush=True)
         lines += section
     if args.out:
