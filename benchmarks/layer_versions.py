@@ -67,16 +67,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="also write the table to this markdown file")
     args = parser.parse_args(argv)
     args.channels_last, args.compile, args.amp, args.depth = "auto", False, "auto", 50
-    device = prep.select_device(args.device)
-    amp = prep.resolve_amp(args.amp, device)
-    prep.configure_backends({"num_threads": args.num_threads, "cudnn_benchmark": True}, device)
     try:
         old = layer_module_at(args.commit)
         variants = {"baseline": ({"model": "baseline"}, None)}
         for mode in args.positions.split(","):
             variant = {"model": "lambda", "lambda_position": mode}
+            benchmark.model_config(variant, args)  # refuses bad settings (the device's name too) before any work
             variants[f"{mode} (this tree)"] = (variant, None)
             variants[f"{mode} ({args.commit})"] = (variant, old)
+        device = prep.select_device(args.device)
+        amp = prep.resolve_amp(args.amp, device)
+        prep.configure_backends({"num_threads": args.num_threads, "cudnn_benchmark": True}, device)
         steps = {name: benchmark.model_steps(variant, args, device, amp, build_with(module)).train_step
                  for name, (variant, module) in variants.items()}
     except user_input.ConfigError as error:

@@ -22,6 +22,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import benchmark  # noqa: E402
 import model_preparation as prep  # noqa: E402
+from user_input import ConfigError  # noqa: E402
 from nntrain import synchronize  # noqa: E402
 
 
@@ -76,15 +77,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="also write the tables to this markdown file")
     args = parser.parse_args(argv)
     args.channels_last, args.compile, args.amp, args.depth, args.stem = "auto", False, "auto", 50, "imagenet"
-    device = prep.select_device(args.device)
+    variants = {"baseline": {"model": "baseline"}}
+    variants.update({f"lambda {mode}": {"model": "lambda", "lambda_position": mode} for mode in args.positions.split(",")})
+    try:
+        for variant in variants.values():  # refuse bad settings (the device's name too) before any work
+            benchmark.model_config(variant, args)
+        device = prep.select_device(args.device)
+    except ConfigError as error:
+        print(f"profile_step.py: error: {error}", file=sys.stderr)
+        return 2
     amp = prep.resolve_amp(args.amp, device)
     prep.configure_backends({"num_threads": args.num_threads, "cudnn_benchmark": True}, device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     lines = [f"# Training step profile on {name}", "",
              f"`python benchmarks/profile_step.py {' '.join(argv if argv is not None else sys.argv[1:])}`: "
              f"ResNet-50, 32x32, batch {args.batch_size}, AMP {amp}, eager (no CUDA graph), torch {torch.__version__}.", ""]
-    variants = {"baseline": {"model": "baseline"}}
-    variants.update({f"lambda {mode}": {"model": "lambda", "lambda_position": mode} for mode in args.positions.split(",")})
     for label, variant in variants.items():
         step = benchmark.model_steps(variant, args, device, amp).train_step  # as a run trains
         section = profile_model(label, step, args, device)

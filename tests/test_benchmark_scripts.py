@@ -32,10 +32,23 @@ def test_layer_versions_times_both_layers_beside_the_baseline():
     assert rows[1].endswith("| 1.00x |")
 
 
-def test_layer_versions_refuses_an_unknown_commit_in_one_line():
-    result = run_script("layer_versions.py", "--commit", "no-such-commit")
+@pytest.mark.parametrize("args, named", [(["--commit", "no-such-commit"], "no-such-commit"),
+                                         (["--commit", "HEAD", "--positions", "foo"], "foo"),
+                                         (["--commit", "HEAD", "--device", "tpu"], "tpu")],
+                         ids=["commit", "position", "device"])
+def test_layer_versions_refuses_bad_input_in_one_line(args, named):
+    result = run_script("layer_versions.py", *args)
     assert result.returncode == 2
-    assert result.stderr.count("\n") == 1 and "no-such-commit" in result.stderr
+    assert result.stderr.count("\n") == 1 and named in result.stderr
+
+
+@pytest.mark.parametrize("args", [["--positions", "foo"], ["--device", "tpu"]], ids=["position", "device"])
+def test_profile_step_refuses_bad_settings_in_one_line(args, tmp_path):
+    out = tmp_path / "profile.md"
+    result = run_script("profile_step.py", *args, "--out", str(out))
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("profile_step.py: error:")
+    assert not out.exists()
 
 
 def test_profile_step_writes_a_table_per_model(tmp_path):
