@@ -1,7 +1,8 @@
 """Several processes under torchrun: process group, DistributedDataParallel, reductions over the ranks.
 
-torchrun starts one process per GPU and sets WORLD_SIZE, RANK and LOCAL_RANK; a plain `python` run has
-none of them and never creates a process group. Every helper below is a no-op then.
+torchrun starts one process per GPU and sets TORCHELASTIC_RUN_ID, WORLD_SIZE, RANK and LOCAL_RANK; a
+plain `python` run has none of them and never creates a process group. Every helper below is a
+no-op then.
 """
 from __future__ import annotations
 
@@ -19,7 +20,9 @@ _CONTROL_GROUP = None  # gloo group for the per-step stop flags: no CUDA sync to
 
 
 def launched_by_torchrun() -> bool:
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    """True under torchrun, with one process too (WORLD_SIZE=1), or under a launcher that sets
+    LOCAL_RANK and WORLD_SIZE (torch.distributed.launch): such a run joins a process group."""
+    return "TORCHELASTIC_RUN_ID" in os.environ or all(name in os.environ for name in ("LOCAL_RANK", "WORLD_SIZE"))
 
 
 def distributed() -> bool:

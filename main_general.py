@@ -23,6 +23,7 @@ import checkpoints
 import data_preprocessing
 import distributed
 import model_preparation as prep
+from cuda_graph import CaptureError
 from log_data import RunLogger
 from nntest import evaluate_confusion
 from nntrain import NonFiniteLossError, TrainingInterrupted, train
@@ -194,7 +195,7 @@ def run(config: dict, stop: StopRequest) -> None:
         log_start(logger, config, training, device, checkpoint, start_epoch, (run_dir, checkpoint_dir))
         train_epochs(config, training, device, start_epoch, best, logger, checkpoint_dir, stop)
         logger.text(logger.summary())
-    except (TrainingInterrupted, NonFiniteLossError, torch.OutOfMemoryError) as error:
+    except (TrainingInterrupted, NonFiniteLossError, torch.OutOfMemoryError, CaptureError) as error:
         logger.text(stopped_line(error, config, stop))
         raise
     finally:

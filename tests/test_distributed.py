@@ -1,5 +1,6 @@
 """torchrun: two CPU processes with gloo train one run, written by rank 0 only, whose checkpoint a
-single process resumes and evaluates; and the per-rank sharding of the data."""
+single process resumes and evaluates; one process under torchrun is a torchrun run too; and the
+per-rank sharding of the data."""
 from __future__ import annotations
 
 import glob
@@ -28,11 +29,11 @@ def ddp_flags(epochs: int) -> list[str]:
     return [*flags, "--epochs", str(epochs), "--num-threads", "1", "--model", "baseline"]
 
 
-def torchrun(args: list[str], cwd: str) -> subprocess.CompletedProcess:
+def torchrun(args: list[str], cwd: str, processes: int = 2) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           os.path.join(ROOT, "main_general.py"), *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=300, env=env)
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           f"--nproc_per_node={processes}", os.path.join(ROOT, "main_general.py"), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=300, env=env)
 
 
 def test_two_processes_write_one_run_that_one_process_resumes(tmp_path):
@@ -67,6 +68,15 @@ def test_two_processes_write_one_run_that_one_process_resumes(tmp_path):
     assert "resumed from" in resumed.stdout and "torchrun" not in resumed.stdout
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2, 3] and records[-1]["test_images"] == TEST_SIZE
+
+
+def test_torchrun_with_one_process_joins_a_process_group(tmp_path):
+    """torchrun --nproc-per-node=1 sets WORLD_SIZE=1: still a torchrun run (gloo on the CPU, as nccl
+    on CUDA)."""
+    result = torchrun([*ddp_flags(1), "--run-name", "one"], str(tmp_path), processes=1)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = (tmp_path / "runs" / "Baseline" / "one" / "log.txt").read_text()
+    assert "torchrun: 1 processes (gloo), global batch 8 x 1 = 8 images per step" in log
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])

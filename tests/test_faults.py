@@ -22,6 +22,7 @@ import main_general
 import model_preparation as prep
 from conftest import ROOT, SMOKE_FLAGS
 from nntrain import NonFiniteLossError, train
+from test_cuda_graph import CAPTURE_ERROR, FakeCuda
 from user_input import ConfigError, defaults
 
 TIMING_KEYS = ("epoch_time_s", "train_img_per_s", "test_time_s")
@@ -376,6 +377,41 @@ def test_out_of_memory_names_the_cards_memory(monkeypatch):
     message = main_general.out_of_memory_message(dict(defaults(), batch_size=512, device="auto"))
     assert message == ("out of memory: BATCH_SIZE=512 does not fit on the NVIDIA T1000 (4.0 GiB); "
                        "try --batch-size 256 (the last checkpoint is intact)")
+
+
+# --- a failed CUDA-graph capture ---
+
+def test_a_failed_capture_is_one_line_naming_compile_off_and_keeps_the_checkpoints(tmp_path, monkeypatch, capsys):
+    """COMPILE=graph on the CPU with torch.cuda's graph faked (test_cuda_graph.FakeCuda): the 4th step
+    (epoch 2, step 2) is captured, and its loss cannot be. The run stops there with one line and
+    exit status 2, epoch 1's checkpoint stays whole, and a resume with --compile off finishes the run."""
+    monkeypatch.setattr(prep, "resolve_compile", lambda mode, device, amp: "graph")
+    cuda = FakeCuda().install(monkeypatch)
+
+    build = prep.build_criterion
+
+    def build_criterion(config):
+        criterion = build(config)
+
+        def uncapturable(logits, labels):  # the captured step's loss cannot be captured
+            if cuda.capturing:
+                raise RuntimeError(CAPTURE_ERROR)
+            return criterion(logits, labels)
+        return uncapturable
+    monkeypatch.setattr(prep, "build_criterion", build_criterion)
+    work = tmp_path / "work"
+    code, err = call_main(flags(work, "--run-name", "run"), capsys)
+    assert code == 2 and err.count("main_general.py: error") == 1 and "Traceback" not in err, err
+    assert err.splitlines()[-1] == (f"main_general.py: error: CUDA graph capture failed (RuntimeError: {CAPTURE_ERROR}); "
+                                    f"run with --compile off (checkpoints written so far are intact)")
+    assert cuda.current is cuda.default  # the stream the capture switched to is left
+    state = load(folders(work)[1] / "last.pt")
+    assert state["epoch"] == 1 and all(torch.isfinite(t).all() for t in state["model"].values())
+    assert "stopped: CUDA graph capture failed" in read_lines(folders(work)[0] / "log.txt")[-1]
+    monkeypatch.undo()
+    code, err = call_main([*flags(work), "--compile", "off", "--resume", "latest"], capsys)
+    assert code == 0, err
+    assert load(folders(work)[1] / "last.pt")["epoch"] == EPOCHS
 
 
 # --- bad input ---
