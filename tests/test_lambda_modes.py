@@ -3,7 +3,6 @@ hybrid networks, their settings, and end-to-end runs of a local-context and a hy
 from __future__ import annotations
 
 import json
-from unittest.mock import patch
 
 import pytest
 import torch
@@ -16,9 +15,7 @@ from lambda_layer import LambdaLayer, relative_index
 from resnet_lambda import lambda_resnet50
 from test_lambda_layer import randomized_layer, reference_lambda
 
-# (position, r, map size): non-square maps; conv contexts smaller than the map (a 3D convolution) and
-# covering it (E gathered from the kernel); "relative" on maps of at most RELATIVE_AS_CONV_POSITIONS
-# positions (2x2, 1x3) runs as a lambda convolution (lambda_layer.gathers)
+# (position, r, map size): non-square maps, conv contexts smaller than the map and covering it
 MODES = [("absolute", None, (3, 4)), ("relative", None, (3, 5)), ("relative", None, (2, 2)), ("relative", None, (1, 3)),
          ("conv", 3, (4, 5)), ("conv", 5, (3, 2)), ("conv", 9, (2, 3))]
 MODE_IDS = [f"{p}-r{r}-{h}x{w}" if r else f"{p}-{h}x{w}" for p, r, (h, w) in MODES]
@@ -49,31 +46,6 @@ def test_float64_every_mode_matches_reference_tightly(position, r, size):
     with torch.no_grad():
         got = layer(x)
     torch.testing.assert_close(got, reference_lambda(layer, x, training=False), rtol=1e-10, atol=1e-10)
-
-
-@pytest.mark.parametrize("batched_entries", [0, 2 ** 40], ids=["one-gemm", "bmm"])
-@pytest.mark.parametrize("position", ["absolute", "relative"])
-@pytest.mark.parametrize("dim_u", [1, 3])
-def test_both_ways_of_meeting_e_match_the_reference_and_each_other(position, dim_u, batched_entries, monkeypatch):
-    """GlobalLambdas forms E V in one GEMM over the batch or in a bmm of E expanded over it
-    (E_BATCHED_ENTRIES picks by E's size): each matches the float64 loop reference, and both give the
-    same output and gradients (float64)."""
-    import lambda_layer
-
-    layer = mode_layer(position, None, (3, 4), dim_u=dim_u).double().train()
-    x = torch.randn(2, 6, 3, 4, dtype=torch.float64, requires_grad=True)
-    weights = torch.randn(2, 8, 3, 4, dtype=torch.float64)
-    grads = []
-    for entries in (batched_entries, 2 ** 40 - batched_entries):  # this way, then the other
-        monkeypatch.setattr(lambda_layer, "E_BATCHED_ENTRIES", entries)
-        out = layer(x)
-        grads.append([out.detach(), *torch.autograd.grad((out * weights).sum(), [x, *layer.parameters()])])
-    layer.eval()
-    monkeypatch.setattr(lambda_layer, "E_BATCHED_ENTRIES", batched_entries)
-    with torch.no_grad():
-        torch.testing.assert_close(layer(x), reference_lambda(layer, x, training=False), rtol=1e-10, atol=1e-10)
-    for ours, other in zip(*grads):
-        torch.testing.assert_close(ours, other, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("position", ["absolute", "relative"])
@@ -144,29 +116,6 @@ def test_conv_covering_the_map_equals_relative(size):
         torch.testing.assert_close(conv(x), relative(x), rtol=1e-5, atol=1e-5)
         conv.embedding.normal_()  # not vacuous: other weights give another function
         assert not torch.allclose(conv(x), relative(x), rtol=1e-3, atol=1e-3)
-
-
-@pytest.mark.parametrize("size, r", [((2, 3), 23), ((8, 8), 23), ((12, 5), 23), ((3, 4), 7)])
-def test_conv_gathered_from_its_kernel_equals_the_3d_convolution(size, r):
-    """A lambda convolution made for a map its kernel covers gathers E from the kernel; made without a
-    size, the same weights run the 3D convolution (zero padding r // 2): same output and gradients."""
-    from lambda_layer import gathers
-
-    assert gathers("conv", size, r) and not gathers("conv", None, r)
-    gathered = mode_layer("conv", r, size, dim_u=2).double().train()
-    convolved = LambdaLayer(6, 8, heads=2, dim_k=3, dim_u=2, r=r, position="conv").double().train()
-    convolved.load_state_dict(gathered.state_dict())
-    assert "relative_index" in dict(gathered.named_buffers()) and "relative_index" not in dict(convolved.named_buffers())
-    x = torch.randn(2, 6, *size, dtype=torch.float64)
-    weights = torch.linspace(-1, 1, 2 * 8 * size[0] * size[1], dtype=torch.float64).view(2, 8, *size)
-    results = []
-    for layer in (gathered, convolved):
-        out = layer(x)
-        results.append([out, *torch.autograd.grad((out * weights).sum(), list(layer.parameters()))])
-    for ours, theirs in zip(*results):
-        torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
-    wider = torch.randn(2, 6, size[0] + 9, size[1], dtype=torch.float64)  # another map: the 3D convolution
-    torch.testing.assert_close(gathered(wider), convolved(wider), rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("position, r, size", MODES, ids=MODE_IDS)
@@ -372,31 +321,30 @@ def test_smoke_run(tmp_path, flags):
     assert record["train_loss"] > 0 and record["test_loss"] > 0
 
 
-# --- kernels and compilation ---
+# --- kernels, compilation, checkpoints ---
 
-# kernel-launching aten ops (benchmark.KernelCount) of one forward + backward: the numbers lambda_layer's
-# docstring quotes (conv r 23 gathers E on the 8x8 map, runs the 3D convolution on 2x2; r 7 does on 8x8)
-KERNELS = {("absolute", None, 8, 1): 21, ("relative", None, 8, 1): 23, ("relative", None, 2, 1): 20,
-           ("conv", 23, 8, 1): 23, ("conv", 23, 2, 1): 20, ("conv", 7, 8, 1): 20,
-           ("absolute", None, 8, 3): 22, ("relative", None, 8, 3): 24, ("relative", None, 2, 3): 22,
-           ("conv", 23, 8, 3): 24, ("conv", 23, 2, 3): 22}
+# kernel-launching aten ops (benchmark.KernelCount) of one forward + backward: exact regression guards,
+# not goals (issue 21 drops issue 12's kernel budgets: a graphed step makes launches cheap)
+KERNELS = {("absolute", None, 8, 1): 26, ("relative", None, 8, 1): 29, ("relative", None, 2, 1): 29,
+           ("conv", 23, 8, 1): 22, ("conv", 23, 2, 1): 22, ("conv", 7, 8, 1): 22,
+           ("absolute", None, 8, 3): 29, ("relative", None, 8, 3): 32, ("relative", None, 2, 3): 32,
+           ("conv", 23, 8, 3): 25, ("conv", 23, 2, 3): 25}
 
 
 @pytest.mark.parametrize("position, r, size, u", list(KERNELS),
                          ids=[f"{p}-r{r}-{s}x{s}-u{u}" for p, r, s, u in KERNELS])
 def test_kernel_count_per_layer(position, r, size, u):
-    """At most 24 kernel-launching ops per layer forward + backward (issue 12; the layer had 35-39)."""
-    from benchmark import KERNEL_TARGET, count_kernels, mixer_step
+    from benchmark import count_kernels, mixer_step
 
     torch.manual_seed(0)
     layer = LambdaLayer(16, heads=4, dim_k=4, dim_u=u, size=size, position=position, r=r).train()
     x = torch.randn(2, 16, size, size, requires_grad=True)
     count = count_kernels(mixer_step(layer, x, torch.randn_like(layer(x))))
-    assert count == KERNELS[(position, r, size, u)] <= KERNEL_TARGET
+    assert count == KERNELS[(position, r, size, u)]
 
 
-def test_kernel_count_per_step_is_at_most_1_8x_the_baseline():
-    """Issue 12's per-step goal, counted as benchmark.py counts it (ResNet-50, fp32, batch 2)."""
+def test_kernel_count_per_step():
+    """Counted as benchmark.py counts it (ResNet-50, fp32, batch 2): an exact regression guard."""
     from benchmark import build_parser, model_config, model_variants, resolve_args, step_kernels
 
     args = build_parser().parse_args(["--device", "cpu", "--batch-size", "2"])
@@ -406,36 +354,15 @@ def test_kernel_count_per_step_is_at_most_1_8x_the_baseline():
         torch.manual_seed(0)
         model = prep.build_model(model_config(variant, args))
         counts[variant.get("lambda_position", "baseline")] = step_kernels(model, args, torch.device("cpu"))
-    assert counts == {"baseline": 408, "absolute": 727, "relative": 733, "conv": 724}
-    assert max(counts.values()) <= 1.8 * counts["baseline"]
+    assert counts == {"baseline": 408, "absolute": 796, "relative": 838, "conv": 719}
 
 
-@pytest.mark.parametrize("size, stored", [((3, 5), (3, 0, 1, 2)), ((2, 2), (2, 0, 1, 3))],
-                         ids=["gathered", "as-conv"])
-def test_relative_table_is_stored_in_the_layout_its_path_reads(size, stored, tmp_path):
-    """Gathered tables are stored (u, 2H-1, 2W-1, k), tables read as a conv kernel (k, 2H-1, 2W-1, u);
-    the layout survives state_dict round trips, and E[n, m] = R[m - n] holds whatever it is."""
-    layer = LambdaLayer(8, heads=2, dim_k=4, dim_u=3, size=size, position="relative")
-    assert layer.embedding.shape == (2 * size[0] - 1, 2 * size[1] - 1, 4, 3)
-    assert layer.embedding.permute(stored).is_contiguous()
-    torch.save(layer.state_dict(), tmp_path / "layer.pt")
-    other = LambdaLayer(8, heads=2, dim_k=4, dim_u=3, size=size, position="relative")
-    other.load_state_dict(torch.load(tmp_path / "layer.pt"))
-    assert other.embedding.stride() == layer.embedding.stride()
-    torch.testing.assert_close(other.embedding, layer.embedding, rtol=0, atol=0)
-
-
-@pytest.mark.parametrize("position, r, size, batched_entries", [
-    ("absolute", None, (3, 4), 2 ** 40), ("relative", None, (3, 5), 2 ** 40), ("relative", None, (3, 5), 0),
-    ("conv", 5, (4, 3), 2 ** 40), ("conv", 7, (3, 4), 0)],
-    ids=["absolute", "relative", "relative-one-gemm", "conv-3d", "conv-gathered-one-gemm"])
-def test_layer_compiles_without_graph_breaks(position, r, size, batched_entries, monkeypatch):
+@pytest.mark.parametrize("position, r, size", [("absolute", None, (3, 4)), ("relative", None, (3, 5)),
+                                               ("conv", 5, (4, 3)), ("conv", 7, (3, 4))],
+                         ids=["absolute", "relative", "conv-3d", "conv-covering"])
+def test_layer_compiles_without_graph_breaks(position, r, size):
     """torch.compile(fullgraph=True) traces forward and backward whole (AOT autograd, no code generation:
-    fast) and gives the eager outputs and gradients, on every path: E met by a bmm or one GEMM
-    (E_BATCHED_ENTRIES), the lambda convolution as a 3D convolution or gathered from its kernel."""
-    import lambda_layer
-
-    monkeypatch.setattr(lambda_layer, "E_BATCHED_ENTRIES", batched_entries)
+    fast) and gives the eager outputs and gradients in every mode."""
     layer = mode_layer(position, r, size, dim_u=2).train()
     x = torch.randn(2, 6, *size)
     compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
@@ -449,53 +376,41 @@ def test_layer_compiles_without_graph_breaks(position, r, size, batched_entries,
         torch.testing.assert_close(traced, eager, rtol=1e-4, atol=1e-5)
 
 
-def test_embedding_layout_survives_copies_and_checkpoints(tmp_path):
-    """The absolute E is indexed (n, m, k, u) but laid out (n, k, m, u) for its GEMM; .double(),
-    state_dict round trips and load_state_dict keep both, and the values stay those of E[n, m]."""
-    layer = randomized_layer(size=(3, 4)).double()
-    n, k = 12, layer.dim_k
-    assert layer.embedding.permute(0, 2, 1, 3).is_contiguous()
-    path = tmp_path / "layer.pt"
-    torch.save(layer.state_dict(), path)
-    other = randomized_layer(size=(3, 4), seed=1).double()
-    other.load_state_dict(torch.load(path))
-    assert other.embedding.stride() == layer.embedding.stride()
-    torch.testing.assert_close(other.embedding[5, 7], layer.embedding[5, 7])
-    assert other.to_qkv.weight.stride() == (6, 1, 6, 6)  # channels_last 1x1 kernel kept
-    assert tuple(other.embedding.shape) == (n, n, k, 1)
+def earlier_layout_state_dict(position: str, size, r=None, dim_u=2) -> dict:
+    """A state_dict as the layer of 6a669d7 saved it (same keys and shapes, its strides): the 1x1 kernel
+    channels-last, the absolute E laid out (n, k, m, u), the relative table (u, 2H-1, 2W-1, k), the
+    conv kernel (u, 1, r, r, k), and the norm's batch counter at 0."""
+    torch.manual_seed(5)
+    state = {"to_qkv.weight": torch.randn(4 + 8 + 4, 6, 1, 1).contiguous(memory_format=torch.channels_last)}
+    channels = 4 + 8  # h k + u v with h 2, k 2, v 4
+    state.update({"norm_qv.weight": torch.rand(channels) + 0.5, "norm_qv.bias": torch.randn(channels),
+                  "norm_qv.running_mean": torch.randn(channels), "norm_qv.running_var": torch.rand(channels) + 0.5,
+                  "norm_qv.num_batches_tracked": torch.tensor(0)})
+    n = size[0] * size[1]
+    if position == "absolute":
+        state["embedding"] = torch.randn(n, 2, n, dim_u).permute(0, 2, 1, 3)  # n, m, k, u
+    elif position == "relative":
+        state["embedding"] = torch.randn(dim_u, 2 * size[0] - 1, 2 * size[1] - 1, 2).permute(1, 2, 3, 0)
+    else:
+        state["embedding"] = torch.randn(dim_u, 1, r, r, 2).permute(4, 0, 1, 2, 3)  # k, u, 1, r, r
+    return state
 
 
-def test_global_lambdas_gradients_match_autograd():
-    """GlobalLambdas' hand-written backward (E's gradient as one GEMM) against torch.autograd.gradcheck."""
-    from lambda_layer import GlobalLambdas
-
-    torch.manual_seed(0)
-    embedding = torch.randn(6, 8, dtype=torch.float64, requires_grad=True)  # n*k = 3*2, m*u = 4*2
-    keys = torch.randn(3, 8, 2, dtype=torch.float64, requires_grad=True)
-    values = torch.randn(3, 8, 5, dtype=torch.float64, requires_grad=True)
-    for entries in (0, 2 ** 40):  # one GEMM over the batch; a bmm of E expanded over it
-        with patch("lambda_layer.E_BATCHED_ENTRIES", entries):
-            assert torch.autograd.gradcheck(GlobalLambdas.apply, (embedding, keys, values))
-            transposed = embedding.detach().t().contiguous().t().requires_grad_()
-            assert torch.autograd.gradcheck(GlobalLambdas.apply, (transposed, keys, values[:, :, 1:]))  # strided
-    for entries in (0, 2 ** 40):
-        for embedding in (torch.randn(6, 8), torch.randn(8, 6).t()):  # absolute E; relative E, gathered as E^T
-            embedding.requires_grad_()
-            with patch("lambda_layer.E_BATCHED_ENTRIES", entries):
-                GlobalLambdas.apply(embedding, keys.detach().float(), values.detach().float()).sum().backward()
-            assert embedding.grad.stride() == embedding.stride()  # E's gradient is written in E's layout
-
-
-def test_uncounted_norm_matches_batchnorm_and_converts_to_syncbatchnorm():
-    """The layer's norm is BatchNorm2d without the batch counter's increment: same outputs and running
-    statistics, the counter buffer kept (at 0), and SyncBatchNorm conversion (SYNC_BN) still works."""
-    from lambda_layer import UncountedBatchNorm2d
-
-    torch.manual_seed(0)
-    ours, plain = UncountedBatchNorm2d(5), torch.nn.BatchNorm2d(5)
-    x = torch.randn(4, 5, 3, 3) * 2 + 1
-    torch.testing.assert_close(ours(x), plain(x))
-    torch.testing.assert_close(ours.running_var, plain.running_var)
-    assert ours.num_batches_tracked == 0 and plain.num_batches_tracked == 1
-    converted = torch.nn.SyncBatchNorm.convert_sync_batchnorm(mode_layer("relative", None, (3, 5)))
-    assert isinstance(converted.norm_qv, torch.nn.SyncBatchNorm) and converted.norm_qv.num_batches_tracked is not None
+@pytest.mark.parametrize("position, r, size", [("absolute", None, (3, 4)), ("relative", None, (3, 5)),
+                                               ("conv", 5, (4, 3)), ("conv", 7, (3, 4))],
+                         ids=["absolute", "relative", "conv-3d", "conv-covering"])
+def test_checkpoints_of_the_earlier_layer_load(position, r, size):
+    """Keys and logical shapes are those of every earlier checkpoint (one fused to_qkv, one norm_qv, E
+    indexed (n, m, k, u), (2H-1, 2W-1, k, u) or (k, u, 1, r, r)); their strides do not matter: a
+    state_dict laid out as the layer of 6a669d7 laid it out loads strictly and the layer computes
+    the float64 loop reference with those weights."""
+    state = earlier_layout_state_dict(position, size, r)
+    layer = LambdaLayer(6, 8, heads=2, dim_k=2, dim_u=2, size=size, position=position, r=r)
+    assert sorted(layer.state_dict()) == sorted(state)
+    layer.load_state_dict(state)
+    for key, value in layer.state_dict().items():
+        torch.testing.assert_close(value, state[key], rtol=0, atol=0)
+    layer = layer.double().eval()
+    x = torch.randn(2, 6, *size, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), reference_lambda(layer, x, training=False), rtol=1e-10, atol=1e-10)
