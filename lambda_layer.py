@@ -37,8 +37,8 @@ are computed before they meet the queries (lambda_p = E^T V first), and lambda_c
 formed before the one contraction with the queries.
 
 The layer as the paper states it (``LambdaLayer.lambdas``, ``LambdaLayer.forward``) comes first;
-the faster formulations the layer picks by itself on some maps, each tested equal to that
-statement, are in the section "Fast paths" at the end of this file.
+the one faster formulation kept (measured in docs/lambda-speed.md), which the layer picks by
+itself, is in the section "Fast paths" at the end of this file, tested equal to that statement.
 
 Mixed precision: the 1x1 projection follows autocast; the batch norm, the key softmax and every
 lambda contraction run in float32 (autocast disabled inside the layer; float64 stays float64) and
@@ -123,6 +123,8 @@ class LambdaLayer(nn.Module):
         self.embedding = embedding
         if position == "relative":
             self.register_buffer("relative_index", relative_index(self.size), persistent=False)  # n, m
+        elif kernel_covers(r, self.size):  # the fast path below: the kernel's tap of each (n, m)
+            self.register_buffer("relative_index", relative_index(self.size, (r, r)), persistent=False)  # n, m
         self.reset_parameters()
 
     @property
@@ -188,6 +190,8 @@ class LambdaLayer(nn.Module):
     def position_lambdas(self, values: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """lambda_p[b, n, k, v] = sum_{m, u} E[n, m, k, u] V[b, u, v, m] for values [b, u, v, m]."""
         embedding = self.embedding.to(values.dtype)
+        if self.position == "conv" and (height, width) == self.size and kernel_covers(self.r, self.size):
+            return lambda_convolution_as_global_context(embedding, self.relative_index, values)
         if self.position == "conv":  # the lambda convolution: a 3D convolution over (H, W, v)
             b, u, v, n = values.shape
             volume = values.reshape(b, u, v, height, width).permute(0, 1, 3, 4, 2)  # b, u, H, W, v
@@ -210,3 +214,25 @@ class LambdaLayer(nn.Module):
         queries, content_lambda, position_lambdas = self.lambdas(x)
         # lambda_c + lambda_p before the queries: one contraction with the queries instead of two
         return self.apply_lambdas(queries, content_lambda[:, None] + position_lambdas, x)
+
+
+# --- Fast paths: the same lambdas, computed faster where measured to pay (docs/lambda-speed.md) ---
+
+def kernel_covers(r: int | None, size: tuple[int, int] | None) -> bool:
+    """True if an r x r lambda convolution reaches every position of an H x W map from every query."""
+    return r is not None and size is not None and r >= 2 * size[0] - 1 and r >= 2 * size[1] - 1
+
+
+def lambda_convolution_as_global_context(kernel: torch.Tensor, index: torch.Tensor,
+                                         values: torch.Tensor) -> torch.Tensor:
+    """The lambda convolution on a map its kernel [k, u, 1, r, r] covers, as a global relative
+    context whose table is the kernel: E[n, m] = kernel[centre + m - n] (``index`` [n, m], from
+    relative_index with table_size (r, r); the taps beyond the map meet only zero padding), so
+
+        lambda_p[b, n, k, v] = einsum("nmku,buvm->bnkv", E, V)
+
+    as "relative" computes it. Equal to the 3D convolution (tests/test_lambda_modes.py), whose
+    backward costs the lambda ResNet's step most of its time on the CPU."""
+    dim_k, dim_u = kernel.shape[:2]
+    table = kernel.permute(3, 4, 0, 1, 2).reshape(-1, dim_k, dim_u)        # r*r, k, u
+    return torch.einsum("nmku,buvm->bnkv", table[index], values)            # b, n, k, v
