@@ -355,8 +355,9 @@ def epoch_variants(args) -> list[dict]:
     return [v for v in model_variants(args) if v.get("lambda_position", v["model"]) in chosen]
 
 
-def run_epochs(args, device: torch.device) -> list[dict]:
-    """The epochs table: every model variant under every --epoch-compile value."""
+def run_epochs(args, device: torch.device, finished=lambda records: None) -> list[dict]:
+    """The epochs table: every model variant under every --epoch-compile value; ``finished(records)``
+    after each row."""
     records = []
     with tempfile.TemporaryDirectory(prefix="benchmark-data-") as data_dir:
         for compile_mode in args.epoch_compile.split(","):
@@ -366,6 +367,7 @@ def run_epochs(args, device: torch.device) -> list[dict]:
                 print(f"epochs {variant} compile {r['compile']}: first steps {r['first_step_s']:.1f} s, "
                       f"{r['train_img_per_s']:.0f} train img/s, {r['test_img_per_s']:.0f} test img/s, "
                       f"90 epochs {r['projected_90_epochs_s'] / 60:.1f} min", flush=True)
+                finished(records)
     return records
 
 
@@ -727,6 +729,8 @@ def markdown(report: dict) -> str:
              f"{s['warmup']} warm-up + {s['iters']} timed steps (median); quick {s['quick']}; "
              f"1-minute load average at the start {report['machine']['load_average_1min_at_start']}.", "",
              f"Peak memory: {report['memory_method']}.", ""]
+    if not report.get("finished", True):
+        lines += ["**Unfinished**: the run is still going or was stopped; the tables hold the parts it finished.", ""]
     if report["models"]:
         lines += [f"## Models (ResNet-{s.get('depth', 50)}, 32x32, {s.get('stem', 'imagenet')} stem, "
                   f"batch {s['batch_size']})", "",
@@ -785,6 +789,18 @@ def machine(device: torch.device) -> dict:
             "load_average_1min_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
 
 
+def write_report(report: dict, args, out: str) -> str:
+    """benchmark.json and benchmark.md of what is measured so far (after each part, so that a run cut
+    short by a timeout keeps its finished parts; "finished" is False until the last part)."""
+    report["targets"] = targets(report["models"], report["layers"], args)
+    with open(os.path.join(out, "benchmark.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    table = markdown(report) + mixers_markdown(report["mixers"]) + epochs_markdown(report["epochs"])
+    with open(os.path.join(out, "benchmark.md"), "w") as f:
+        f.write(table)
+    return table
+
+
 def run(args, argv: list[str]) -> dict:
     resolve_args(args)
     device = prep.select_device(args.device)
@@ -796,30 +812,28 @@ def run(args, argv: list[str]) -> dict:
     except OSError as error:
         raise ConfigError(f"cannot create --out {out} ({error.strerror})") from None
     limit = args.memory_limit_gb * 2 ** 30 if args.memory_limit_gb else default_memory_limit(device)
-    models = []
+    report = {"machine": machine(device), "settings": {**vars(args), "amp": amp},
+              "memory_method": memory_method(device), "timm": extra_status("timm"),
+              "command": " ".join(["python", PROG, *argv]), "models": [], "layers": [], "epochs": [],
+              "targets": {}, "mixers": None, "lucidrains": extra_status("lambda-networks"), "finished": False}
+    models, layers = report["models"], report["layers"]
     if not args.skip_models:
         for variant in model_variants(args):
             models.append(benchmark_model(variant, args, device, amp))
             print(f"{variant}: {models[-1]['train_img_s']:.1f} train img/s, {models[-1]['infer_img_s']:.1f} inference img/s",
                   flush=True)
-    mixers = benchmark_mixers(models, args, device, amp) if models else None
-    layers = []
+            write_report(report, args, out)
+    report["mixers"] = benchmark_mixers(models, args, device, amp) if models else None
+    write_report(report, args, out)
     for size in args.sizes:
         for name, build in layer_builders(args).items():
             layers.append(benchmark_layer(name, build, args, size, device, limit))
             print(f"{size}x{size} {name}: {layers[-1].get('time_ms', layers[-1]['status'])} ms", flush=True)
-    epochs = [] if args.skip_epochs else run_epochs(args, device)
-    settings = {key: value for key, value in vars(args).items()}
-    settings["amp"] = amp
-    report = {"machine": machine(device), "settings": settings, "memory_method": memory_method(device),
-              "timm": extra_status("timm"), "command": " ".join(["python", PROG, *argv]),
-              "models": models, "layers": layers, "epochs": epochs, "targets": targets(models, layers, args),
-              "mixers": mixers, "lucidrains": extra_status("lambda-networks")}
-    with open(os.path.join(out, "benchmark.json"), "w") as f:
-        json.dump(report, f, indent=1)
-    table = markdown(report) + mixers_markdown(mixers) + epochs_markdown(epochs)
-    with open(os.path.join(out, "benchmark.md"), "w") as f:
-        f.write(table)
+        write_report(report, args, out)
+    if not args.skip_epochs:
+        report["epochs"] = run_epochs(args, device, lambda records: write_report({**report, "epochs": records}, args, out))
+    report["finished"] = True
+    table = write_report(report, args, out)
     plot(report, os.path.join(out, "benchmark.png"))
     print(table)
     return report

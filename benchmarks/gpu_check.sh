@@ -3,7 +3,8 @@
 #   benchmarks/gpu_check.sh                 the GPU tests (in-process, then the ones that run scripts), then
 #                                           benchmark.py on CUDA (models, layers, the epochs table under COMPILE=off
 #                                           and graph), a profile of each model's step, the CIFAR-stem models and,
-#                                           where the git history is there, the layer before issue 12 beside this one
+#                                           where the git history is there, the tuned layer of 6a669d7 beside the
+#                                           einsum layer (docs/lambda-speed.md: which of its pieces a GPU step needs)
 #   benchmarks/gpu_check.sh --compiled      torch.compile only, minutes of compiling, so a command of its own: the
 #                                           compiled-step tests and the epochs table under reduce-overhead
 #   add --cpu-dry-run                       the same steps, tiny, on the CPU: checks this script, not the GPU
@@ -164,7 +165,7 @@ write_summary() {
       grep -h -A 12 -E "^## Epochs" "$RESULTS/compiled/benchmark.md" 2>/dev/null
     else
       grep -h -A 12 -E "^## (Models|Epochs)" "$RESULTS/benchmark.md" "$RESULTS/cifar-stem/benchmark.md" 2>/dev/null
-      [ -f "$RESULTS/layer_versions.md" ] && { echo; echo "## The layer before issue 12 (0baa330) side by side"; echo;
+      [ -f "$RESULTS/layer_versions.md" ] && { echo; echo "## The tuned layer of 6a669d7 side by side"; echo;
         cat "$RESULTS/layer_versions.md"; }
     fi
   } > "$SUMMARY.tmp"
@@ -206,13 +207,13 @@ else
   step benchmark 75 $PYTHON benchmark.py --device $DEVICE --out "$RESULTS" "${BENCH[@]}"
   step profile 30 $PYTHON benchmarks/profile_step.py --device $DEVICE --out "$RESULTS/profile.md" "${PROFILE[@]}"
   step cifar-stem 45 $PYTHON benchmark.py --device $DEVICE --out "$RESULTS/cifar-stem" "${CIFAR[@]}"
-  # the network with the layer before issue 12 (0baa330) beside this tree's: needs the git history
-  if git rev-parse -q --verify 0baa330^{commit} > /dev/null 2>&1; then
-    step layer-versions 45 $PYTHON benchmarks/layer_versions.py --commit 0baa330 --device $DEVICE \
+  # the network with the tuned layer that the einsum layer replaced (6a669d7) beside this tree's: needs the history
+  if git rev-parse -q --verify 6a669d7^{commit} > /dev/null 2>&1; then
+    step layer-versions 45 $PYTHON benchmarks/layer_versions.py --commit 6a669d7 --device $DEVICE \
       --positions absolute,relative,conv --out "$RESULTS/layer_versions.md" "${VERSIONS[@]}"
   else
-    echo "== layer-versions: skipped, no git history here (0baa330 not found)" | tee -a "$LOG"
-    ROWS="$ROWS| layer-versions | skipped (no git history: 0baa330 not found) | 0 | 0 |\n"
+    echo "== layer-versions: skipped, no git history here (6a669d7 not found)" | tee -a "$LOG"
+    ROWS="$ROWS| layer-versions | skipped (no git history: 6a669d7 not found) | 0 | 0 |\n"
   fi
 fi
 DONE=1

@@ -1,6 +1,6 @@
 """Training steps of the lambda ResNet with this tree's lambda_layer.py and with another commit's, side by side.
 
-    python benchmarks/layer_versions.py --commit 0baa330 --stem cifar --batch-size 32
+    python benchmarks/layer_versions.py --commit 6a669d7 --stem cifar --batch-size 32
 
 Builds the baseline and, for each --positions mode, the lambda network twice: once with the working
 tree's LambdaLayer and once with the one `git show COMMIT:lambda_layer.py` gives (everything else is

@@ -16,6 +16,31 @@ import benchmark
 from lambda_layer import POSITIONS
 
 
+def test_a_run_cut_short_keeps_the_parts_it_finished(tmp_path, monkeypatch):
+    """The JSON and markdown are written after each part: a run stopped in the layer table (a
+    timeout's SIGINT) leaves the models' rows on disk, marked unfinished."""
+    def model_row(variant, args, device, amp, build=None):
+        return {"model": variant["model"], "position": variant.get("lambda_position", "-"), "params": 1, "batch": 2, "train_img_s": 10.0,
+                "infer_img_s": 20.0, "train_step_ms": 5.0, "train_peak_mb": 1.0}
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(benchmark, "benchmark_model", model_row)
+    monkeypatch.setattr(benchmark, "benchmark_mixers", lambda *args: None)
+    monkeypatch.setattr(benchmark, "benchmark_layer", interrupted)
+    argv = ["--quick", "--device", "cpu", "--out", str(tmp_path), "--skip-epochs", "--num-threads", "1"]
+    with pytest.raises(KeyboardInterrupt):
+        benchmark.run(benchmark.build_parser().parse_args(argv), argv)
+    with open(tmp_path / "benchmark.json") as f:
+        report = json.load(f)
+    assert report["finished"] is False and report["layers"] == []
+    assert [m["position"] for m in report["models"]] == ["-", *POSITIONS]
+    assert "train_speedup_lambda_absolute" in report["targets"]
+    with open(tmp_path / "benchmark.md") as f:
+        table = f.read()
+    assert "Unfinished" in table and "| baseline | - |" in table
+
+
 def test_quick_benchmark_writes_json_markdown_and_png(tmp_path):
     out = tmp_path / "tmp"
     command = [sys.executable, os.path.join(ROOT, "benchmark.py"), "--quick", "--device", "cpu", "--out", str(out),
@@ -42,7 +67,7 @@ def test_quick_benchmark_writes_json_markdown_and_png(tmp_path):
     assert layers[("attention (materialised)", 8)]["table2_mb"] == 4 * 4 * 64 * 64 / 2 ** 20
     assert report["timm"].startswith("timm")
     assert "TorchDispatchMode" in report["memory_method"]
-    assert "train_speedup_lambda_absolute" in report["targets"]
+    assert "train_speedup_lambda_absolute" in report["targets"] and report["finished"] is True
     mixers = report["mixers"]
     # c2 8x8 (3 blocks), c3 8x8 stride 2 + 4x4, c4 4x4 stride 2 + 2x2, c5 2x2 stride 2 + 1x1
     assert [(r["width"], r["size"], r["stride"], r["blocks"]) for r in mixers["rows"]] == [
@@ -57,7 +82,7 @@ def test_quick_benchmark_writes_json_markdown_and_png(tmp_path):
         table = f.read()
     assert "## Mixers" in table and "| identity-mixer floor |" in table
     assert "| baseline | - |" in table and "| 8x8 | attention (SDPA) |" in table
-    assert table.strip() in result.stdout
+    assert table.strip() in result.stdout and "Unfinished" not in table
     with Image.open(out / "benchmark.png") as image:
         assert image.size[0] > image.size[1] > 300  # two panels side by side, legend below
         assert len(image.convert("RGB").getcolors(maxcolors=2 ** 20)) > 5  # lines and legend drawn, not a blank canvas
