@@ -52,7 +52,7 @@ RESUME = ""  # empty: start afresh; "latest" (newest run of MODEL) or a checkpoi
 MAX_BATCHES = 0  # 0: full epochs; otherwise at most this many train and test batches (smoke runs)
 
 # --- Speed ---
-AMP = "auto"  # mixed precision: "auto" (bf16 on CUDA, fp32 elsewhere), "bf16", "fp16" (CUDA only, gradient scaler) or "fp32"
+AMP = "auto"  # "auto" (CUDA: bf16 from compute capability 8.0, fp16 + gradient scaler below; CPU: fp32), "bf16", "fp16", "fp32"
 GPU_LOADER = "auto"  # data set kept on the device, augmented there: "auto" (on CUDA), "on" or "off" (DataLoader)
 CHANNELS_LAST = "auto"  # channels_last memory format for model and images: "auto" (on CUDA), "on" or "off"
 CUDNN_BENCHMARK = True  # cuDNN times its kernels once and keeps the fastest (CUDA only)
