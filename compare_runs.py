@@ -2,10 +2,13 @@
 
 Reads each run's metrics.jsonl and config.json and writes OUT/comparison.png (test and train accuracy
 and loss against epoch and against wall-clock time, like the reproduction's Figures 8 and 9) and
-OUT/comparison.md, which it also prints: one row per run (model, parameters, best and final test
-accuracy, epoch of best, total time, mean training images/s); one row per group of runs that differ
-only in their seed (mean +- std of the best and final accuracy); and the difference of the means of
-groups with a Welch t interval. Without RUN_DIRs: the newest run of each model under RUNS_DIR. Runs
+OUT/comparison.md, which it also prints: one row per run (model, parameters, test accuracy, total
+time, mean training images/s); one row per group of runs that differ only in their seed (mean +- std);
+and the difference of the means of groups with a Welch t interval.
+
+The accuracies, in the order they are trusted: the final epoch's test top-1 (the primary figure);
+the test top-1 at the epoch of the best validation accuracy (runs with VAL_SIZE); the best test top-1
+over the epochs, selected on the test set itself and so optimistic (labelled so). Without RUN_DIRs: the newest run of each model under RUNS_DIR. Runs
 of different lengths, and runs still in progress, are fine.
 """
 from __future__ import annotations
@@ -92,10 +95,24 @@ class Group:
         self.done = [run for run in runs if run.records]  # runs with at least one finished epoch
 
     def accuracies(self, which: str) -> list[float]:
-        """Each finished run's "best" or "final" test top-1 (%)."""
-        if which == "best":
-            return [run_stats(run.records)["best"]["test_acc"] for run in self.done]
-        return [run.records[-1]["test_acc"] for run in self.done]
+        """Each finished run's test top-1 (%): "final", "at_best_val" (runs with a validation split
+        only) or "best" (selected on the test set)."""
+        return [value for run in self.done if (value := test_accuracy(run.records, which)) is not None]
+
+
+def test_accuracy(records: list[dict], which: str) -> float | None:
+    """The test top-1 of a run's records (at least one) that `which` names (Group.accuracies); None
+    for "at_best_val" without a validation split."""
+    if which == "final":
+        return records[-1]["test_acc"]
+    stats = run_stats(records)
+    if which == "best":
+        return stats["best"]["test_acc"]
+    return None if stats["best_val"] is None else stats["best_val"]["test_acc"]
+
+
+ACCURACIES = {"final": "final test top-1", "at_best_val": "test top-1 at best val",
+              "best": "best test top-1 (selected on test)"}
 
 
 class Curve(NamedTuple):
@@ -214,8 +231,8 @@ def format_time(seconds: float) -> str:
 
 def table(runs: list[Run]) -> str:
     """The markdown table of the runs, one row each."""
-    lines = ["| run | model | parameters | epochs | best test top-1 | epoch of best | final test top-1 "
-             "| total time | mean train img/s |",
+    lines = ["| run | model | parameters | epochs | final test top-1 | test top-1 at best val (epoch) "
+             "| best test top-1 (selected on test; epoch) | total time | mean train img/s |",
              "|---|---|---|---|---|---|---|---|---|"]
     for run in runs:
         epochs = f"{len(run.records)}/{run.config['epochs']}"  # done / planned
@@ -224,8 +241,9 @@ def table(runs: list[Run]) -> str:
             lines.append(row + "| - | - | - | - | - |")
             continue
         stats = run_stats(run.records)
-        best = stats["best"]
-        lines.append(row + f"| {best['test_acc']:.2f} | {best['epoch']} | {run.records[-1]['test_acc']:.2f} "
+        best, chosen = stats["best"], stats["best_val"]
+        at_val = "-" if chosen is None else f"{chosen['test_acc']:.2f} ({chosen['epoch']})"
+        lines.append(row + f"| {run.records[-1]['test_acc']:.2f} | {at_val} | {best['test_acc']:.2f} ({best['epoch']}) "
                      f"| {format_time(stats['train_time_s'] + stats['test_time_s'])} "
                      f"| {stats['train_img_per_s']:.0f} |")
     return "\n".join(lines) + "\n"
@@ -240,9 +258,9 @@ def mean_cell(values: list[float]) -> str:
 
 
 def group_table(groups: list[Group]) -> str:
-    """One row per group: runs and seeds, mean ± std (n - 1) of best and final test top-1, mean time and speed."""
-    lines = ["| group | runs | seeds | parameters | epochs | best test top-1 | final test top-1 | mean total time "
-             "| mean train img/s |", "|---|---|---|---|---|---|---|---|---|"]
+    """One row per group: runs and seeds, mean ± std (n - 1) of each test top-1 figure, mean time and speed."""
+    lines = ["| group | runs | seeds | parameters | epochs | " + " | ".join(ACCURACIES.values())
+             + " | mean total time | mean train img/s |", "|---|---|---|---|---|---|---|---|---|---|"]
     for group in groups:
         runs = f"{len(group.done)}" + (f" (+{len(group.runs) - len(group.done)} without an epoch)"
                                        if len(group.done) < len(group.runs) else "")
@@ -255,7 +273,7 @@ def group_table(groups: list[Group]) -> str:
         time_cell = format_time(sum(times) / len(times)) if times else "-"
         speed_cell = f"{sum(speed) / len(speed):.0f}" if speed else "-"
         lines.append(f"| {group.label} | {runs} | {seeds} | {group.runs[0].parameters()} | {epochs} "
-                     f"| {mean_cell(group.accuracies('best'))} | {mean_cell(group.accuracies('final'))} "
+                     f"| {' | '.join(mean_cell(group.accuracies(which)) for which in ACCURACIES)} "
                      f"| {time_cell} | {speed_cell} |")
     return "\n".join(lines) + "\n"
 
@@ -277,16 +295,17 @@ def difference_cell(a: list[float], b: list[float], names: tuple[str, str]) -> s
 
 
 def difference_table(groups: list[Group]) -> str:
-    """Pairs of groups: the difference of their mean test top-1 with a Welch t interval."""
+    """Pairs of groups: the difference of their mean final test top-1 (and of the test top-1 at the
+    best validation epoch) with a Welch t interval; never of the best test top-1, which the test set chose."""
     if len(groups) < 2:
         return ""
     level = f"{100 * CONFIDENCE:.0f} %"
-    lines = [f"| comparison | differs in | runs | Δ best test top-1 [{level} interval] "
-             f"| Δ final test top-1 [{level} interval] |", "|---|---|---|---|---|"]
+    lines = [f"| comparison | differs in | runs | Δ final test top-1 [{level} interval] "
+             f"| Δ test top-1 at best val [{level} interval] |", "|---|---|---|---|---|"]
     for a, b in pairs(groups):
         names = (a.label, b.label)
         differs = ", ".join(key.upper() for key in differing_settings([a, b]))
-        cells = [difference_cell(a.accuracies(which), b.accuracies(which), names) for which in ("best", "final")]
+        cells = [difference_cell(a.accuracies(which), b.accuracies(which), names) for which in ("final", "at_best_val")]
         lines.append(f"| {b.label} − {a.label} | {differs} | {len(b.done)} vs {len(a.done)} | {cells[0]} | {cells[1]} |")
     lines += ["", f"Δ: mean of the first group named minus the second, in points of test top-1; the {level} "
               f"interval is Welch's t interval over the runs' seeds (unequal variances, Welch-Satterthwaite df)."]

@@ -12,6 +12,7 @@ and augments whole batches there (GPU_LOADER; the default on CUDA).
 """
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import math
@@ -20,6 +21,7 @@ import pickle
 import shutil
 import sys
 import tempfile
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -240,6 +242,45 @@ def build_datasets(config: dict) -> tuple[Dataset, Dataset]:
                           f"delete that folder to have it written again") from None
 
 
+def validation_indices(targets, size: int, seed: int) -> np.ndarray:
+    """`size` indices into `targets`, drawn with `seed` and stratified: each class keeps its share of
+    the set (largest remainders), so the validation set has the training set's class balance."""
+    targets = np.asarray(targets)
+    classes, counts = np.unique(targets, return_counts=True)
+    quota = size * counts / len(targets)
+    taken = np.floor(quota).astype(int)
+    taken[np.argsort(taken - quota, kind="stable")[:size - taken.sum()]] += 1  # largest remainders first
+    rng = np.random.default_rng(seed)
+    chosen = [rng.permutation(np.flatnonzero(targets == label))[:count] for label, count in zip(classes, taken)]
+    return np.sort(np.concatenate(chosen))
+
+
+def _subset(dataset: Dataset, indices: np.ndarray, transform) -> Dataset:
+    """A copy of a CIFAR set or an ImageFolder holding only the images at `indices`, with `transform`
+    (a data set of the same class, so that the DeviceLoader and sample_grid read it as they read the whole)."""
+    part = copy.copy(dataset)
+    part.transform = transform
+    part.targets = [dataset.targets[i] for i in indices]
+    if hasattr(dataset, "data"):
+        part.data = dataset.data[indices]
+    else:
+        part.samples = part.imgs = [dataset.samples[i] for i in indices]
+    return part
+
+
+def hold_out(train_set: Dataset, test_set: Dataset, size: int, seed: int) -> tuple[Dataset, Dataset | None]:
+    """(training images kept, validation set): VAL_SIZE images of the training set held out (never
+    trained on) and read with the test transform; (train_set, None) for size 0."""
+    if size == 0:
+        return train_set, None
+    if size >= len(train_set):
+        raise ConfigError(f"VAL_SIZE={size} leaves no training images: the training set has {len(train_set)}; "
+                          f"choose --val-size below that (e.g. {len(train_set) // 10})")
+    held = validation_indices(train_set.targets, size, seed)
+    kept = np.setdiff1d(np.arange(len(train_set)), held)
+    return _subset(train_set, kept, train_set.transform), _subset(train_set, held, test_set.transform)
+
+
 def superclasses(dataset: Dataset) -> list[tuple[str, list[int]]]:
     """CIFAR-100's 20 superclasses as (name, [class indices]), read from its files; [] for other data."""
     if not isinstance(dataset, datasets.CIFAR100):
@@ -382,35 +423,48 @@ class DeviceLoader:
             yield (images.float() - self.mean) / self.std, self.labels[index][self.rank::self.world]
 
 
-def build_loaders(config: dict, device: torch.device, rank: int = 0, world: int = 1
-                  ) -> tuple[DataLoader | DeviceLoader, DataLoader | DeviceLoader, torch.Generator]:
-    """Train and test loaders, and the generator that fixes the training order and augmentation.
+class Loaders(NamedTuple):
+    train: DataLoader | DeviceLoader
+    test: DataLoader | DeviceLoader
+    generator: torch.Generator  # fixes the training order and augmentation
+    val: DataLoader | DeviceLoader | None  # VAL_SIZE held-out training images; None without
 
-    With GPU_LOADER on (by default on CUDA) both are DeviceLoaders and the generator lives on the device.
+
+def build_loaders(config: dict, device: torch.device, rank: int = 0, world: int = 1) -> Loaders:
+    """Train, test and validation loaders, and the generator of the training order and augmentation.
+
+    With GPU_LOADER on (by default on CUDA) they are DeviceLoaders and the generator lives on the device.
     Under torchrun (``world`` > 1) each rank gets its share: training batches from a
     DistributedSampler (the DeviceLoader: every world-th image of each global batch; the same
-    number of batches on every rank either way), and test images rank, rank + world, ...,
-    so that together the ranks see every test image exactly once.
+    number of batches on every rank either way), and test (and validation) images rank, rank + world,
+    ..., so that together the ranks see every test image exactly once.
     """
     train_set, test_set = build_datasets(config)
-    if switched_on(config["gpu_loader"], device) and fits_on_device((train_set, test_set), config["image_size"], device):
+    train_set, val_set = hold_out(train_set, test_set, config["val_size"], config["seed"])
+    sets = (train_set, test_set) + ((val_set,) if val_set is not None else ())
+    if switched_on(config["gpu_loader"], device) and fits_on_device(sets, config["image_size"], device):
         generator = torch.Generator(device=device)
-        return (DeviceLoader(train_set, config["batch_size"], device, train=True, generator=generator,
-                             rank=rank, world=world),
-                DeviceLoader(test_set, config["batch_size"], device, train=False, rank=rank, world=world), generator)
-    generator = torch.Generator()
-    common = dict(batch_size=config["batch_size"], num_workers=config["num_workers"],
-                  pin_memory=device.type == "cuda")
-    # drop_last: a last batch of one image would break BatchNorm on the 1x1 maps of c5
-    if world == 1:
-        train_loader = DataLoader(train_set, shuffle=True, drop_last=len(train_set) > config["batch_size"],
-                                  generator=generator, **common)
-        return train_loader, DataLoader(test_set, shuffle=False, **common), generator
-    # the sampler shuffles by (SEED, epoch); the workers' seeds come from the rank's own global RNG
-    sampler = DistributedSampler(train_set, world, rank, shuffle=True, seed=config["seed"], drop_last=True)
-    train_loader = DataLoader(train_set, sampler=sampler, drop_last=len(sampler) > config["batch_size"], **common)
-    test_loader = DataLoader(test_set, sampler=shard(len(test_set), rank, world), **common)
-    return train_loader, test_loader, generator
+
+        def evaluated(dataset):
+            return DeviceLoader(dataset, config["batch_size"], device, train=False, rank=rank, world=world)
+        train_loader = DeviceLoader(train_set, config["batch_size"], device, train=True, generator=generator,
+                                    rank=rank, world=world)
+    else:
+        generator = torch.Generator()
+        common = dict(batch_size=config["batch_size"], num_workers=config["num_workers"],
+                      pin_memory=device.type == "cuda")
+
+        def evaluated(dataset):
+            return DataLoader(dataset, sampler=shard(len(dataset), rank, world), **common)
+        # drop_last: a last batch of one image would break BatchNorm on the 1x1 maps of c5
+        if world == 1:
+            train_loader = DataLoader(train_set, shuffle=True, drop_last=len(train_set) > config["batch_size"],
+                                      generator=generator, **common)
+        else:  # the sampler shuffles by (SEED, epoch); the workers' seeds come from the rank's own global RNG
+            sampler = DistributedSampler(train_set, world, rank, shuffle=True, seed=config["seed"], drop_last=True)
+            train_loader = DataLoader(train_set, sampler=sampler, drop_last=len(sampler) > config["batch_size"],
+                                      **common)
+    return Loaders(train_loader, evaluated(test_set), generator, evaluated(val_set) if val_set is not None else None)
 
 
 def fits_on_device(sets: tuple[Dataset, ...], size: int, device: torch.device) -> bool:

@@ -160,3 +160,26 @@ def _annotate(axes, counts: np.ndarray, shares: np.ndarray, class_names: Sequenc
     accuracies = [f"{100.0 * shares[i, i]:.1f}" if counts[i].any() else "-" for i in range(classes)]
     axes.set_xticks(range(classes), class_names, rotation=45, ha="right", rotation_mode="anchor")
     axes.set_yticks(range(classes), [f"{name} ({accuracy})" for name, accuracy in zip(class_names, accuracies)])
+
+
+def position_table_figure(tables: dict[str, torch.Tensor], title: str = "", signed: bool = True) -> Figure:
+    """One row per lambda layer, one panel per key dimension: each table [keys, rows, columns] as an
+    image with a centre mark at the zero offset. ``signed``: a diverging map symmetric about 0 per
+    row (relative tables, conv kernels); otherwise a sequential map from 0 (mean |E|)."""
+    keys = max(table.shape[0] for table in tables.values())
+    figure = new_figure(1.0 + 2.1 * keys, 0.9 + 2.1 * len(tables))
+    grid = np.atleast_2d(figure.subplots(len(tables), keys, squeeze=False))
+    for row, (name, table) in zip(grid, tables.items()):
+        values = table.float().numpy()
+        bound = max(float(np.abs(values).max()), 1e-12)
+        style = dict(cmap="RdBu_r", vmin=-bound, vmax=bound) if signed else dict(cmap="viridis", vmin=0, vmax=bound)
+        for k, axes in enumerate(row):
+            axes.set_xticks([]), axes.set_yticks([])
+            if k >= len(values):
+                axes.set_axis_off()
+                continue
+            image = axes.imshow(values[k], interpolation="nearest", **style)
+            axes.set_title(f"{name}, k = {k}", fontsize=9)
+        figure.colorbar(image, ax=list(row), shrink=0.8)
+    figure.suptitle(title, fontsize=10)
+    return figure

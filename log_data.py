@@ -19,6 +19,7 @@ SCALARS = {  # TensorBoard tag -> metrics.jsonl key
     "Loss/train": "train_loss", "Loss/test": "test_loss",
     "Accuracy/train": "train_acc", "Accuracy/test": "test_acc",
     "LR": "lr", "Time/epoch_s": "epoch_time_s", "Throughput/train_img_per_s": "train_img_per_s",
+    "Loss/val": "val_loss", "Accuracy/val": "val_acc",  # with VAL_SIZE only
 }
 
 
@@ -60,9 +61,12 @@ def truncate_log(path: str, start_epoch: int) -> None:
 
 
 def run_stats(records: list[dict]) -> dict:
-    """Over a run's metrics records (at least one): the best record by test accuracy, total training
-    and evaluation seconds, and the mean training images/s."""
+    """Over a run's metrics records (at least one): the best record by test accuracy (selected on the
+    test set: optimistic), the best by validation accuracy (None without VAL_SIZE; its test accuracy
+    is the honest "best" figure), total training and evaluation seconds, and the mean training images/s."""
+    validated = [r for r in records if "val_acc" in r]
     return {"best": max(records, key=lambda r: r["test_acc"]),
+            "best_val": max(validated, key=lambda r: r["val_acc"]) if validated else None,
             "train_time_s": sum(r["epoch_time_s"] for r in records),
             "test_time_s": sum(r.get("test_time_s", 0.0) for r in records),
             "train_img_per_s": sum(r["train_img_per_s"] for r in records) / len(records)}
@@ -114,10 +118,12 @@ class RunLogger:
         with open(self.metrics_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
         for tag, key in SCALARS.items():
-            self.writer.add_scalar(tag, record[key], record["epoch"])
+            if key in record:
+                self.writer.add_scalar(tag, record[key], record["epoch"])
         self.writer.flush()
+        val = f"val loss {record['val_loss']:.4f} acc {record['val_acc']:5.2f}%  " if "val_acc" in record else ""
         self.text(f"epoch {record['epoch']:3d}/{epochs}  "
-                  f"train loss {record['train_loss']:.4f} acc {record['train_acc']:5.2f}%  "
+                  f"train loss {record['train_loss']:.4f} acc {record['train_acc']:5.2f}%  {val}"
                   f"test loss {record['test_loss']:.4f} acc {record['test_acc']:5.2f}%  "
                   f"lr {record['lr']:.2e}  {record['epoch_time_s']:.1f} s  "
                   f"{record['train_img_per_s']:.0f} img/s")
@@ -136,9 +142,23 @@ class RunLogger:
         for name, accuracy in zip(names, accuracies):
             if not math.isnan(accuracy):  # a class absent from a capped (--max-batches) evaluation
                 self.writer.add_scalar(f"{tag}/{name}", accuracy, epoch)
-        if epoch == 1 or epoch % CONFUSION_EVERY == 0 or epoch == self.epochs:
+        if self.draws_figures(epoch):
             title = f"test set, epoch {epoch}" + (", superclasses" if groups else "")
             self.writer.add_figure("Confusion/test", confusion_figure(confusion, names, title), epoch)
+        self.writer.flush()
+
+    def draws_figures(self, epoch: int) -> bool:
+        """The epochs that draw figures: the first, every CONFUSION_EVERY-th and the last."""
+        return epoch == 1 or epoch % CONFUSION_EVERY == 0 or epoch == self.epochs
+
+    def lambdas(self, epoch: int, shares: dict[str, tuple[float, float]], figure) -> None:
+        """lambda_diagnostics' content and position shares of each lambda layer as scalars, and its
+        figure of the learned position tables."""
+        for name, (content, position) in shares.items():
+            self.writer.add_scalar(f"Lambda_content_share/{name}", content, epoch)
+            self.writer.add_scalar(f"Lambda_position_share/{name}", position, epoch)
+        if figure is not None:
+            self.writer.add_figure("Lambda/position_tables", figure, epoch)
         self.writer.flush()
 
     def hparams(self) -> None:
@@ -148,11 +168,13 @@ class RunLogger:
         """
         if not self.records or self.settings is None:
             return
-        best = run_stats(self.records)["best"]
+        stats = run_stats(self.records)
         final = self.records[-1]
-        metrics = {"HParams/best_test_acc": best["test_acc"], "HParams/final_test_acc": final["test_acc"],
+        metrics = {"HParams/best_test_acc": stats["best"]["test_acc"], "HParams/final_test_acc": final["test_acc"],
                    "HParams/final_train_acc": final["train_acc"], "HParams/final_test_loss": final["test_loss"],
                    "HParams/epochs_done": final["epoch"]}
+        if stats["best_val"] is not None:
+            metrics["HParams/test_acc_at_best_val"] = stats["best_val"]["test_acc"]
         values = {key: value if isinstance(value, (bool, int, float, str)) else str(value)
                   for key, value in self.settings.items()}
         for summary in hparams_summaries(values, metrics):
@@ -164,8 +186,15 @@ class RunLogger:
         """One line over every epoch of the run, including those before a resume."""
         if not self.records:
             return "no epoch finished"
-        stats = run_stats(self.records)
-        return (f"best test accuracy {stats['best']['test_acc']:.2f}% at epoch {stats['best']['epoch']}; "
+        stats, final = run_stats(self.records), self.records[-1]
+        if stats["best_val"] is not None:
+            chosen = stats["best_val"]
+            accuracy = (f"test accuracy {chosen['test_acc']:.2f}% at the best validation epoch {chosen['epoch']} "
+                        f"(validation {chosen['val_acc']:.2f}%), final {final['test_acc']:.2f}%")
+        else:
+            accuracy = (f"final test accuracy {final['test_acc']:.2f}%; best {stats['best']['test_acc']:.2f}% at epoch "
+                        f"{stats['best']['epoch']} (chosen on the test set: --val-size gives an unbiased choice)")
+        return (f"{accuracy}; "
                 f"train time {stats['train_time_s']:.1f} s, test time {stats['test_time_s']:.1f} s, "
                 f"mean throughput {stats['train_img_per_s']:.0f} train img/s")
 

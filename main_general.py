@@ -24,6 +24,7 @@ import data_preprocessing
 import distributed
 import model_preparation as prep
 from cuda_graph import CaptureError
+import lambda_diagnostics
 from log_data import RunLogger
 from nntest import evaluate_confusion
 from nntrain import NonFiniteLossError, TrainingInterrupted, train
@@ -156,6 +157,8 @@ class SilentLogger:
     def samples(self, grid) -> None: ...
     def epoch(self, record: dict, epochs: int) -> None: ...
     def evaluation(self, epoch: int, confusion, class_names, groups=()) -> None: ...
+    def draws_figures(self, epoch: int) -> bool: return False
+    def lambdas(self, epoch: int, shares, figure) -> None: ...
     def summary(self) -> str: return ""
     def close(self) -> None: ...
 
@@ -211,7 +214,7 @@ def prepare_device(config: dict) -> torch.device:
 
 
 def restore_state(checkpoint: dict | None, training: prep.Training) -> tuple[int, dict]:
-    """(first epoch to train, best test accuracy so far): the checkpoint's, or a fresh start's."""
+    """(first epoch to train, best accuracy so far, validation's with a split): the checkpoint's, or a fresh start's."""
     if checkpoint is None:
         return 0, {"acc": -1.0, "epoch": 0}
     prep.restore(checkpoint, training.model, training.optimizer, training.scheduler, training.scaler)
@@ -240,7 +243,8 @@ def log_start(logger, config: dict, training: prep.Training, device: torch.devic
     """The opening lines of log.txt: model, data, settings, speed, torchrun, resume, folders."""
     logger.text(f"{config['model']} ResNet-{config['depth']}, {prep.count_parameters(training.model):,} parameters, on {device}; "
                 f"{len(training.train_loader.dataset)} train / {len(training.test_loader.dataset)} test images "
-                f"({config['dataset']})")
+                f"({config['dataset']})" + (f"; {len(training.val_loader.dataset)} training images held out for "
+                                            f"validation, which chooses best.pt" if training.val_loader else ""))
     logger.text("config: " + ", ".join(f"{k}={v!r}" for k, v in config.items()))
     logger.text(f"speed: {prep.describe_amp(config['amp'], training.amp, device)}, channels_last "
                 f"{training.channels_last}, device loader {isinstance(training.train_loader, data_preprocessing.DeviceLoader)}, "
@@ -283,20 +287,40 @@ def train_epochs(config: dict, training: prep.Training, device: torch.device, st
     """Train and evaluate each epoch from `start_epoch` on; log it and checkpoint it."""
     if start_epoch >= config["epochs"]:
         logger.text(f"the run already has {start_epoch} epochs; pass a larger --epochs to train on")
+    probe = probe_images(training) if distributed.is_main() else None
     for epoch in range(start_epoch, config["epochs"]):
         record = train_and_evaluate(config, training, device, epoch, stop)
         confusion = record.pop("confusion")
-        improved = record["test_acc"] > best["acc"]
+        chosen_by = "val_acc" if training.val_loader is not None else "test_acc"  # what picks best.pt
+        improved = record[chosen_by] > best["acc"]
         if improved:
-            best = {"acc": record["test_acc"], "epoch": epoch + 1}
+            best = {"acc": record[chosen_by], "epoch": epoch + 1}
         logger.epoch(record, config["epochs"])
         test_set = training.test_loader.dataset
         logger.evaluation(epoch + 1, confusion, test_set.classes, data_preprocessing.superclasses(test_set))
+        if probe is not None and logger.draws_figures(epoch + 1):
+            logger.lambdas(epoch + 1, lambda_diagnostics.content_position_shares(training.model, probe),
+                           lambda_diagnostics.position_figure(training.model, f"epoch {epoch + 1}"))
         if distributed.is_main():
             checkpoints.save_checkpoints(checkpoint_of(training, epoch + 1, best, config), checkpoint_dir, improved,
                                          config["checkpoint_every"])
         if distributed.any_rank(stop.event.is_set())[0] and epoch + 1 < config["epochs"]:
             raise TrainingInterrupted(f"epoch {epoch + 2}, before its first step")
+
+
+PROBE_IMAGES = 32  # test images on which lambda_diagnostics measures the content and position shares
+
+
+def probe_images(training: prep.Training) -> torch.Tensor | None:
+    """The first PROBE_IMAGES test images, fixed for the run; None for a model without lambda layers."""
+    if not lambda_diagnostics.lambda_layers(training.model):
+        return None
+    images = []
+    for batch, _ in training.test_loader:
+        images.append(batch)
+        if sum(len(b) for b in images) >= PROBE_IMAGES:
+            break
+    return torch.cat(images)[:PROBE_IMAGES].to(next(training.model.parameters()).device)
 
 
 def train_and_evaluate(config: dict, training: prep.Training, device: torch.device, epoch: int,
@@ -310,14 +334,18 @@ def train_and_evaluate(config: dict, training: prep.Training, device: torch.devi
     test_start = time.perf_counter()
     distributed.sync_buffers(training.model)  # under torchrun: every rank evaluates rank 0's BatchNorm statistics
     evaluated = distributed.unwrap(training.model) if distributed.distributed() else training.model
-    test_loss, test_acc, confusion = evaluate_confusion(evaluated, training.test_loader, training.criterion, device,
-                                                        config["max_batches"], autocast=training.autocast,
-                                                        channels_last=training.channels_last)
-    test_time = time.perf_counter() - test_start
+
+    def evaluate(loader):
+        return evaluate_confusion(evaluated, loader, training.criterion, device, config["max_batches"],
+                                  autocast=training.autocast, channels_last=training.channels_last)
+    test_loss, test_acc, confusion = evaluate(training.test_loader)
+    record = {"epoch": epoch + 1, "train_loss": train_loss, "train_acc": train_acc, "test_loss": test_loss,
+              "test_acc": test_acc, "lr": lr, "epoch_time_s": train_time, "train_img_per_s": img_per_s}
+    if training.val_loader is not None:
+        record["val_loss"], record["val_acc"], _ = evaluate(training.val_loader)
     training.scheduler.step()
-    return {"epoch": epoch + 1, "train_loss": train_loss, "train_acc": train_acc, "test_loss": test_loss,
-            "test_acc": test_acc, "lr": lr, "epoch_time_s": train_time, "train_img_per_s": img_per_s,
-            "test_time_s": test_time, "test_images": int(confusion.sum()), "confusion": confusion}
+    return {**record, "test_time_s": time.perf_counter() - test_start, "test_images": int(confusion.sum()),
+            "confusion": confusion}
 
 
 def main(argv: list[str] | None = None) -> int:

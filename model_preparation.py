@@ -163,6 +163,7 @@ class Training:
     channels_last: bool
     compile: str
     step: EagerStep | GraphedStep
+    val_loader: object = None  # VAL_SIZE held-out training images, or None
 
 
 def build_training(config: dict, device: torch.device) -> Training:
@@ -172,15 +173,15 @@ def build_training(config: dict, device: torch.device) -> Training:
     mode = resolve_compile(config["compile"], device, amp)
     model = speed_up(build_model(config).to(device), config, device)  # DDP under torchrun
     # rank 0 first: it writes the synthetic set (or downloads CIFAR-10) that the others read
-    train_loader, test_loader, generator = distributed.from_main(
+    loaders = distributed.from_main(
         lambda: data_preprocessing.build_loaders(config, device, distributed.rank(), distributed.world_size()),
         everywhere=True)
     criterion, optimizer = build_criterion(config), build_optimizer(model, config)
     scheduler = build_scheduler(optimizer, config)
     cast, scaler = autocast(amp, device, cache=mode != "graph"), build_scaler(amp, device)
     step = training_step(model, criterion, optimizer, cast, scaler, mode)
-    return Training(model, train_loader, test_loader, generator, criterion, optimizer, scheduler, amp, cast,
-                    scaler, switched_on(config["channels_last"], device), mode, step)
+    return Training(model, loaders.train, loaders.test, loaders.generator, criterion, optimizer, scheduler, amp,
+                    cast, scaler, switched_on(config["channels_last"], device), mode, step, loaders.val)
 
 
 def build_model(config: dict) -> nn.Module:
@@ -288,7 +289,18 @@ def resolve_resume(config: dict) -> dict | None:
     if different:
         raise ConfigError(f"checkpoint {path} was trained with {', '.join(different)}; "
                           f"resume with the same model settings")
+    split = split_differences(checkpoint["config"], config)
+    if split:
+        raise ConfigError(f"checkpoint {path} was trained with another validation split ({', '.join(split)}); "
+                          f"resume with the same --val-size and --seed")
     return checkpoint
+
+
+def split_differences(saved: dict, config: dict) -> list[str]:
+    """VAL_SIZE, and SEED where there is a split (it draws the held-out images), as they differ in `saved`."""
+    saved = {**defaults(), **saved}
+    keys = ("val_size", "seed") if saved["val_size"] or config["val_size"] else ()
+    return [f"{key.upper()}={saved[key]!r} (now {config[key]!r})" for key in keys if saved[key] != config[key]]
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:

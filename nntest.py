@@ -19,6 +19,7 @@ from tqdm import tqdm
 import checkpoints
 import data_preprocessing
 import distributed
+import lambda_diagnostics
 import model_preparation as prep
 import user_input
 from figures import confusion_figure, save
@@ -133,8 +134,14 @@ def evaluate_checkpoint(path: str, overrides: dict, out_dir: str) -> dict:
         raise user_input.ConfigError(f"cannot write {png} ({error.strerror}); choose another --out") from None
     report(config, checkpoint, confusion, test_set.classes, loss, accuracy)
     print(f"confusion matrix: {png}")
-    return {"loss": loss, "top1": accuracy, "per_class": per_class_accuracy(confusion), "confusion": confusion,
-            "png": png}
+    found = {"loss": loss, "top1": accuracy, "per_class": per_class_accuracy(confusion), "confusion": confusion,
+             "png": png}
+    positions = lambda_diagnostics.position_figure(model, f"{config['run_name']}, {name}")
+    if positions is not None:  # the lambda layers' learned position tables
+        found["positions_png"] = os.path.join(out_dir, f"{name}_positions.png")
+        save(positions, found["positions_png"])
+        print(f"position tables: {found['positions_png']}")
+    return found
 
 
 def report(config: dict, checkpoint: dict, confusion: torch.Tensor, class_names, loss: float, accuracy: float):

@@ -31,6 +31,7 @@ IMAGE_SIZE = 32  # side of the square training images in pixels: 32 for the CIFA
 NUM_WORKERS = 2  # DataLoader worker processes; 0 loads in the main process
 SYNTHETIC_TRAIN_SIZE = 2000  # images in the synthetic training set
 SYNTHETIC_TEST_SIZE = 500  # images in the synthetic test set
+VAL_SIZE = 0  # training images held out for validation (stratified by class, drawn with SEED), which then chooses best.pt; 0: none
 
 # --- Optimisation (reproduction, Tables 1-3) ---
 EPOCHS = 90  # training epochs
@@ -151,7 +152,7 @@ def validate(config: dict) -> None:
         raise ConfigError(f"DEVICE={config['device']!r} is not one of auto, cpu, cuda, cuda:N, mps")
     at_least = {"epochs": 1, "batch_size": 1, "heads": 1, "qk_size": 1, "lambda_r": 1, "lambda_u": 1,
                 "warmup_epochs": 0, "num_workers": 0, "checkpoint_every": 0, "max_batches": 0, "num_threads": 0,
-                "synthetic_train_size": 1, "synthetic_test_size": 1, "image_size": 8}
+                "synthetic_train_size": 1, "synthetic_test_size": 1, "image_size": 8, "val_size": 0}
     for key, low in at_least.items():
         if config[key] < low:
             raise ConfigError(f"{key.upper()}={config[key]} must be >= {low}")

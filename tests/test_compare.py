@@ -43,8 +43,8 @@ def test_table_and_plot_for_runs_of_different_lengths(tmp_path, capsys):
     out = tmp_path / "report"
     assert compare_runs.main([baseline, running, started, "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    rows = ["| Baseline/b | baseline | 23,528,522 | 3/5 | 70.00 | 2 | 65.00 | 0 m 36 s | 200 |",
-            "| Lambda/l | lambda | 12,971,450 | 2/5 | 45.00 | 2 | 45.00 | 3 m 25 s | 60 |",
+    rows = ["| Baseline/b | baseline | 23,528,522 | 3/5 | 65.00 | - | 70.00 (2) | 0 m 36 s | 200 |",
+            "| Lambda/l | lambda | 12,971,450 | 2/5 | 45.00 | - | 45.00 (2) | 3 m 25 s | 60 |",
             "| Lambda/s | lambda | 12,971,450 | 0/90 | - | - | - | - | - |"]
     markdown = (out / "comparison.md").read_text()
     assert markdown.splitlines()[4:7] == rows and markdown in printed
@@ -69,10 +69,34 @@ def test_runs_differing_only_in_seed_form_groups_with_mean_std_and_welch_interva
     assert compare_runs.main([*baseline, *lambda_, "--out", str(tmp_path / "out")]) == 0
     printed = capsys.readouterr().out
     # mean 71 and 74, std 1 each; equal n and variances: df 4, half width t(0.975, 4) sqrt(2/3) = 2.2669
-    assert "| baseline | 3 | 0, 1, 2 | 23,528,522 | 2/2 | 71.00 ± 1.00 | 71.00 ± 1.00 | 0 m 34 s | 200 |" in printed
-    assert "| lambda | 3 | 0, 1, 2 | 12,971,450 | 2/2 | 74.00 ± 1.00 | 74.00 ± 1.00 | 0 m 34 s | 200 |" in printed
-    assert ("| lambda − baseline | MODEL | 3 vs 3 | +3.00 [+0.73, +5.27] (df 4.0): lambda higher "
-            "| +3.00 [+0.73, +5.27] (df 4.0): lambda higher |") in printed
+    assert "| baseline | 3 | 0, 1, 2 | 23,528,522 | 2/2 | 71.00 ± 1.00 | - | 71.00 ± 1.00 | 0 m 34 s | 200 |" in printed
+    assert "| lambda | 3 | 0, 1, 2 | 12,971,450 | 2/2 | 74.00 ± 1.00 | - | 74.00 ± 1.00 | 0 m 34 s | 200 |" in printed
+    assert "| lambda − baseline | MODEL | 3 vs 3 | +3.00 [+0.73, +5.27] (df 4.0): lambda higher | - |" in printed
+
+
+def test_final_accuracy_is_primary_then_the_test_accuracy_at_the_best_validation_epoch(tmp_path, capsys):
+    """Runs with a validation split: the final epoch's test top-1, the test top-1 where validation
+    peaked, and the best test top-1 (chosen on the test set) are three different figures; the Welch
+    intervals are of the first two."""
+    def run(model: str, seed: int, tests: list[float], vals: list[float]) -> str:
+        records = [{**record(epoch, test, 10, 2, 100), "val_acc": val, "val_loss": 1.0}
+                   for epoch, (test, val) in enumerate(zip(tests, vals), start=1)]
+        return write_run(tmp_path / "runs" / model.capitalize() / f"s{seed}", model, records, epochs=3, seed=seed,
+                         val_size=500)
+    found = [run("baseline", 0, [60, 70, 65], [61, 60, 64]), run("baseline", 1, [62, 72, 67], [63, 62, 66]),
+             run("lambda", 0, [70, 80, 60], [70, 75, 71]), run("lambda", 1, [72, 82, 62], [72, 77, 73])]
+    assert compare_runs.main([*found, "--out", str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr().out
+    assert "| Baseline/s0 | baseline | 23,528,522 | 3/3 | 65.00 | 65.00 (3) | 70.00 (2) |" in printed
+    assert "| Lambda/s1 | lambda | 12,971,450 | 3/3 | 62.00 | 82.00 (2) | 82.00 (2) |" in printed
+    assert "| final test top-1 | test top-1 at best val | best test top-1 (selected on test) |" in printed
+    assert "| baseline | 2 | 0, 1 | 23,528,522 | 3/3 | 66.00 ± 1.41 | 66.00 ± 1.41 | 71.00 ± 1.41 |" in printed
+    assert "| lambda | 2 | 0, 1 | 12,971,450 | 3/3 | 61.00 ± 1.41 | 81.00 ± 1.41 | 81.00 ± 1.41 |" in printed
+    differences = next(line for line in printed.splitlines() if line.startswith("| lambda − baseline"))
+    cells = differences.split(" | ")
+    # n = 2 and std sqrt(2) each: df 2, half width t(0.975, 2) sqrt(2) sqrt(2 / 2) = 6.08
+    assert cells[3] == "-5.00 [-11.08, +1.08] (df 2.0): no clear difference (the interval contains 0)"  # primary
+    assert cells[4] == "+15.00 [+8.92, +21.08] (df 2.0): lambda higher |"
 
 
 def test_single_runs_are_groups_of_one_and_too_few_to_tell(tmp_path, capsys):

@@ -79,7 +79,7 @@ def test_synthetic_classes_are_learnable(synthetic_root, tmp_path):
     torch.manual_seed(0)
     config = dict(defaults(), dataset="synthetic", data_dir=str(tmp_path), synthetic_train_size=1000,
                   synthetic_test_size=200, batch_size=50, num_workers=0)
-    train_loader, test_loader, _ = data.build_loaders(config, torch.device("cpu"))
+    train_loader, test_loader, _, _ = data.build_loaders(config, torch.device("cpu"))
     model = torch.nn.Sequential(
         torch.nn.Conv2d(3, 16, 5, padding=2), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
         torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveMaxPool2d(1),
@@ -109,7 +109,7 @@ def test_seed_fixes_the_data_order(synthetic_root):
                   synthetic_test_size=100, batch_size=16, num_workers=0)
 
     def first_batch(epoch):
-        loader, _, generator = data.build_loaders(config, torch.device("cpu"))
+        loader, _, generator, _ = data.build_loaders(config, torch.device("cpu"))
         data.seed_epoch(generator, config["seed"], epoch)
         return next(iter(loader))
 

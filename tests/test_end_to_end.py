@@ -44,7 +44,7 @@ def test_run_directory(smoke_run):
     assert config["model"] == "lambda" and config["batch_size"] == 8 and config["run_name"] == "smoke"
     assert (run_dir / "samples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "12,971,450 parameters" in first.stdout
-    assert "best test accuracy" in first.stdout
+    assert "final test accuracy" in first.stdout and "chosen on the test set" in first.stdout
 
 
 def test_metrics_and_tensorboard_scalars(smoke_run):
@@ -57,10 +57,22 @@ def test_metrics_and_tensorboard_scalars(smoke_run):
         assert record["train_loss"] > 0 and record["epoch_time_s"] > 0 and record["train_img_per_s"] > 0
     assert [r["lr"] for r in records] == pytest.approx([5e-4, 1e-3])
     tags = snapshot["scalars"]
-    assert set(SCALARS) <= set(tags)
-    for tag, key in SCALARS.items():
+    shares = [tag for tag in tags if tag.startswith(("Lambda_content_share/", "Lambda_position_share/"))]
+    assert len(shares) == 2 * 16 and "Lambda_position_share/layer4.2.conv2" in shares  # every lambda layer
+    assert all([step for step, _ in tags[tag]] == [1, 2] for tag in shares)  # the figure epochs: first and last
+    assert all(0 <= value <= 1 for tag in shares for _, value in tags[tag])
+    logged = {tag: key for tag, key in SCALARS.items() if not key.startswith("val_")}  # no VAL_SIZE here
+    assert set(logged) <= set(tags) and not {"Accuracy/val", "Loss/val"} & set(tags)
+    for tag, key in logged.items():
         assert [step for step, _ in tags[tag]] == [1, 2]
         assert [value for _, value in tags[tag]] == pytest.approx([r[key] for r in records], rel=1e-6)
+
+
+def test_the_position_tables_figure_is_in_tensorboard(smoke_run):
+    work, *_ = smoke_run
+    events = EventAccumulator(str(work / "runs/Lambda/smoke"))
+    events.Reload()
+    assert [image.step for image in events.Images("Lambda/position_tables")][:2] == [1, 2]
 
 
 def test_checkpoints(smoke_run):

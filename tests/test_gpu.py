@@ -246,7 +246,7 @@ def test_no_host_sync_inside_an_epoch(synthetic_root, monkeypatch, model, positi
 
 def test_device_loader_on_cuda_keeps_labels_and_repeats_with_the_seed(synthetic_root):
     config = cuda_config(synthetic_root, gpu_loader="on")
-    train_loader, test_loader, generator = data_preprocessing.build_loaders(config, CUDA)
+    train_loader, test_loader, generator, _ = data_preprocessing.build_loaders(config, CUDA)
     assert train_loader.images.is_cuda and generator.device.type == "cuda"
     images, labels = next(iter(test_loader))  # in order, normalised as torchvision does on the CPU
     reference = torch.stack([test_loader.dataset[i][0] for i in range(len(labels))])

@@ -136,9 +136,9 @@ def test_decoded_set_too_large_for_the_device_falls_back_to_the_dataloader(tmp_p
     root = write_image_folder(str(tmp_path))
     config = dict(defaults(), dataset="folder", data_dir=root, image_size=64, gpu_loader="on", num_workers=0,
                   batch_size=4)
-    train_loader, _, _ = data.build_loaders(config, torch.device("cpu"))
+    train_loader = data.build_loaders(config, torch.device("cpu")).train
     assert isinstance(train_loader, data.DeviceLoader)
     monkeypatch.setattr(os, "sysconf", lambda name: 1 if name == "SC_AVPHYS_PAGES" else 4096)  # 4 KiB free
-    train_loader, _, _ = data.build_loaders(config, torch.device("cpu"))
+    train_loader = data.build_loaders(config, torch.device("cpu")).train
     assert isinstance(train_loader, torch.utils.data.DataLoader)
     assert "loading them with the DataLoader instead" in capsys.readouterr().err

@@ -114,7 +114,7 @@ def test_device_loader_keeps_labels_and_repeats_with_the_seed():
 def test_build_loaders_device_loader_matches_the_torchvision_test_transform(synthetic_root):
     config = dict(user_input.defaults(), dataset="synthetic", data_dir=synthetic_root, synthetic_train_size=200,
                   synthetic_test_size=100, batch_size=32, gpu_loader="on")
-    train_loader, test_loader, generator = data_preprocessing.build_loaders(config, CPU)
+    train_loader, test_loader, generator, _ = data_preprocessing.build_loaders(config, CPU)
     assert isinstance(train_loader, data_preprocessing.DeviceLoader) and train_loader.generator is generator
     assert len(test_loader) == 4  # 100 images, the last batch of 4 kept
     images, labels = next(iter(test_loader))
