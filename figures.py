@@ -164,7 +164,7 @@ def _annotate(axes, counts: np.ndarray, shares: np.ndarray, class_names: Sequenc
 
 def position_table_figure(tables: dict[str, torch.Tensor], title: str = "", signed: bool = True) -> Figure:
     """One row per lambda layer, one panel per key dimension: each table [keys, rows, columns] as an
-    image with a centre mark at the zero offset. ``signed``: a diverging map symmetric about 0 per
+    image; signed tables get a "+" at the zero offset (their centre). ``signed``: a diverging map symmetric about 0 per
     row (relative tables, conv kernels); otherwise a sequential map from 0 (mean |E|)."""
     keys = max(table.shape[0] for table in tables.values())
     figure = new_figure(1.0 + 2.1 * keys, 0.9 + 2.1 * len(tables))
@@ -179,6 +179,9 @@ def position_table_figure(tables: dict[str, torch.Tensor], title: str = "", sign
                 axes.set_axis_off()
                 continue
             image = axes.imshow(values[k], interpolation="nearest", **style)
+            if signed:  # the zero offset (the query's own position) at the centre
+                rows, columns = values[k].shape
+                axes.plot((columns - 1) / 2, (rows - 1) / 2, "+", color="black", markersize=7)
             axes.set_title(f"{name}, k = {k}", fontsize=9)
         figure.colorbar(image, ax=list(row), shrink=0.8)
     figure.suptitle(title, fontsize=10)
