@@ -93,5 +93,5 @@ def test_docs_document_every_setting_and_the_readme_the_test_command():
     settings, readme, ci = read("docs", "settings.md"), read("README.md"), read(".ci", "run")
     for key in user_input.defaults():
         assert f"| `{key.upper()}` | `--{key.replace('_', '-')}` |" in settings, f"docs/settings.md lacks {key.upper()}"
-    for command in ("pip install -r requirements.txt pytest", "python -m pytest -q"):
+    for command in ("pip install -r requirements.txt pytest pytest-xdist", "python -m pytest -q -n 2"):
         assert command in readme and command in ci
