@@ -76,8 +76,7 @@ CHOICES = {
 }
 COMPILE_ALIASES = {"true": "default", "on": "default", "false": "off"}  # COMPILE was a true/false switch
 DEVICE_PATTERN = r"auto|cpu|mps|cuda(:\d+)?"  # the values DEVICE accepts
-LAMBDA_WIDTHS = (64, 128, 256, 512)  # widths of the bottlenecks' lambda layers in c2-c5
-NOT_SETTINGS = ("CHOICES", "COMPILE_ALIASES", "DEVICE_PATTERN", "LAMBDA_WIDTHS", "NOT_SETTINGS")  # constants that are no flag
+NOT_SETTINGS = ("CHOICES", "COMPILE_ALIASES", "DEVICE_PATTERN", "NOT_SETTINGS")  # constants that are no flag
 
 
 class ConfigError(ValueError):
@@ -189,10 +188,12 @@ def switched_on(setting: str, device) -> bool:
 
 
 def _validate_lambda(config: dict) -> None:
-    bad = [width for width in LAMBDA_WIDTHS if width % config["heads"]]
+    from resnet import STAGE_WIDTHS  # the widths of the bottlenecks' lambda layers in c2-c5 (imports torch)
+
+    bad = [width for width in STAGE_WIDTHS if width % config["heads"]]
     if bad:
         raise ConfigError(f"HEADS={config['heads']} must divide every lambda layer's width "
-                          f"{LAMBDA_WIDTHS}; it does not divide {bad[0]} (try 1, 2, 4, 8, 16, 32 or 64)")
+                          f"{STAGE_WIDTHS}; it does not divide {bad[0]} (try 1, 2, 4, 8, 16, 32 or 64)")
     if config["lambda_stages"] == "CCCC":
         raise ConfigError("LAMBDA_STAGES='CCCC' has no lambda stage; use MODEL=baseline for the convolutional ResNet")
     if config["lambda_position"] == "absolute":
