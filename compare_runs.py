@@ -8,8 +8,10 @@ and the difference of the means of groups with a Welch t interval.
 
 The accuracies, in the order they are trusted: the final epoch's test top-1 (the primary figure);
 the test top-1 at the epoch of the best validation accuracy (runs with VAL_SIZE); the best test top-1
-over the epochs, selected on the test set itself and so optimistic (labelled so). Without RUN_DIRs: the newest run of each model under RUNS_DIR. Runs
-of different lengths, and runs still in progress, are fine.
+over the epochs, selected on the test set itself and so optimistic (labelled so).
+
+Without RUN_DIRs: the newest run of each model under RUNS_DIR. Runs of different lengths, and runs
+still in progress, are fine.
 """
 from __future__ import annotations
 

@@ -22,9 +22,9 @@ import torch
 import checkpoints
 import data_preprocessing
 import distributed
+import lambda_diagnostics
 import model_preparation as prep
 from cuda_graph import CaptureError
-import lambda_diagnostics
 from log_data import RunLogger
 from nntest import evaluate_confusion
 from nntrain import NonFiniteLossError, TrainingInterrupted, train
@@ -214,7 +214,8 @@ def prepare_device(config: dict) -> torch.device:
 
 
 def restore_state(checkpoint: dict | None, training: prep.Training) -> tuple[int, dict]:
-    """(first epoch to train, best accuracy so far, validation's with a split): the checkpoint's, or a fresh start's."""
+    """(first epoch to train, best so far: the validation accuracy with a split, else the test accuracy):
+    the checkpoint's, or a fresh start's."""
     if checkpoint is None:
         return 0, {"acc": -1.0, "epoch": 0}
     prep.restore(checkpoint, training.model, training.optimizer, training.scheduler, training.scaler)
@@ -288,10 +289,10 @@ def train_epochs(config: dict, training: prep.Training, device: torch.device, st
     if start_epoch >= config["epochs"]:
         logger.text(f"the run already has {start_epoch} epochs; pass a larger --epochs to train on")
     probe = probe_images(training) if distributed.is_main() else None
+    chosen_by = "val_acc" if training.val_loader is not None else "test_acc"  # what picks best.pt
     for epoch in range(start_epoch, config["epochs"]):
         record = train_and_evaluate(config, training, device, epoch, stop)
         confusion = record.pop("confusion")
-        chosen_by = "val_acc" if training.val_loader is not None else "test_acc"  # what picks best.pt
         improved = record[chosen_by] > best["acc"]
         if improved:
             best = {"acc": record[chosen_by], "epoch": epoch + 1}

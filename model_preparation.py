@@ -263,14 +263,18 @@ def shaping_keys(config: dict) -> tuple[str, ...]:
     return MODEL_KEYS
 
 
-def model_differences(saved: dict, config: dict) -> list[str]:
-    """The settings shaping `config`'s network that differ in `saved`, as "KEY=saved (now new)".
+def setting_differences(saved: dict, config: dict, keys) -> list[str]:
+    """The settings among `keys` that differ in `saved`, as "KEY=saved (now new)".
 
     A setting that `saved` lacks (a checkpoint older than the setting) counts as its default.
     """
     saved = {**defaults(), **saved}
-    return [f"{key.upper()}={saved[key]!r} (now {config[key]!r})" for key in shaping_keys(config)
-            if saved[key] != config[key]]
+    return [f"{key.upper()}={saved[key]!r} (now {config[key]!r})" for key in keys if saved[key] != config[key]]
+
+
+def model_differences(saved: dict, config: dict) -> list[str]:
+    """The settings shaping `config`'s network that differ in `saved` (setting_differences)."""
+    return setting_differences(saved, config, shaping_keys(config))
 
 
 def resolve_resume(config: dict) -> dict | None:
@@ -289,18 +293,13 @@ def resolve_resume(config: dict) -> dict | None:
     if different:
         raise ConfigError(f"checkpoint {path} was trained with {', '.join(different)}; "
                           f"resume with the same model settings")
-    split = split_differences(checkpoint["config"], config)
+    # VAL_SIZE, and SEED where there is a split (it draws the held-out images)
+    split_keys = ("val_size", "seed") if checkpoint["config"].get("val_size") or config["val_size"] else ()
+    split = setting_differences(checkpoint["config"], config, split_keys)
     if split:
         raise ConfigError(f"checkpoint {path} was trained with another validation split ({', '.join(split)}); "
                           f"resume with the same --val-size and --seed")
     return checkpoint
-
-
-def split_differences(saved: dict, config: dict) -> list[str]:
-    """VAL_SIZE, and SEED where there is a split (it draws the held-out images), as they differ in `saved`."""
-    saved = {**defaults(), **saved}
-    keys = ("val_size", "seed") if saved["val_size"] or config["val_size"] else ()
-    return [f"{key.upper()}={saved[key]!r} (now {config[key]!r})" for key in keys if saved[key] != config[key]]
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
