@@ -20,7 +20,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import benchmark  # noqa: E402
+from benchmarks import models  # noqa: E402
 import model_preparation as prep  # noqa: E402
 from user_input import ConfigError  # noqa: E402
 from nntrain import synchronize  # noqa: E402
@@ -48,7 +48,7 @@ def profile_model(name: str, step, args, device: torch.device) -> list[str]:
     if on_device:
         kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
         busy_us = sum(e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total for e in kernels)
-    else:  # the aten ops below autograd, as benchmark.KernelCount counts them
+    else:  # the aten ops below autograd, as benchmarks/measuring.py's KernelCount counts them
         kernels = [e for e in prof.events() if e.name.startswith("aten::") and e.cpu_parent is None]
         busy_us = sum(e.self_cpu_time_total for e in prof.events() if e.name.startswith("aten::"))
     wall_ms = 1000 * statistics.median(walls)
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     variants.update({f"lambda {mode}": {"model": "lambda", "lambda_position": mode} for mode in args.positions.split(",")})
     try:
         for variant in variants.values():  # refuse bad settings (the device's name too) before any work
-            benchmark.model_config(variant, args)
+            models.model_config(variant, args)
         device = prep.select_device(args.device)
     except ConfigError as error:
         print(f"profile_step.py: error: {error}", file=sys.stderr)
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
              f"`python benchmarks/profile_step.py {' '.join(argv if argv is not None else sys.argv[1:])}`: "
              f"ResNet-50, 32x32, batch {args.batch_size}, AMP {amp}, eager (no CUDA graph), torch {torch.__version__}.", ""]
     for label, variant in variants.items():
-        step = benchmark.model_steps(variant, args, device, amp).train_step  # as a run trains
+        step = models.model_steps(variant, args, device, amp).train_step  # as a run trains
         section = profile_model(label, step, args, device)
         print("\n".join(section), flush=True)
         lines += section

@@ -12,7 +12,7 @@ from PIL import Image
 
 from conftest import ROOT
 
-import benchmark
+from benchmarks import epochs, measuring, models, suite
 from lambda_layer import POSITIONS
 
 
@@ -25,12 +25,12 @@ def test_a_run_cut_short_keeps_the_parts_it_finished(tmp_path, monkeypatch):
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
-    monkeypatch.setattr(benchmark, "benchmark_model", model_row)
-    monkeypatch.setattr(benchmark, "benchmark_mixers", lambda *args: None)
-    monkeypatch.setattr(benchmark, "benchmark_layer", interrupted)
+    monkeypatch.setattr(suite, "benchmark_model", model_row)
+    monkeypatch.setattr(suite, "benchmark_mixers", lambda *args: None)
+    monkeypatch.setattr(suite, "benchmark_layer", interrupted)
     argv = ["--quick", "--device", "cpu", "--out", str(tmp_path), "--skip-epochs", "--num-threads", "1"]
     with pytest.raises(KeyboardInterrupt):
-        benchmark.run(benchmark.build_parser().parse_args(argv), argv)
+        suite.run(suite.build_parser().parse_args(argv), argv)
     with open(tmp_path / "benchmark.json") as f:
         report = json.load(f)
     assert report["finished"] is False and report["layers"] == []
@@ -91,7 +91,7 @@ def test_quick_benchmark_writes_json_markdown_and_png(tmp_path):
 def test_peak_memory_counts_live_tensors():
     import torch
 
-    with benchmark.PeakMemory() as tracker:
+    with measuring.PeakMemory() as tracker:
         a = torch.ones(1024, 256)  # 1 MiB
         b = a * 2                  # 2 MiB live
         del a                      # 1 MiB live
@@ -102,9 +102,9 @@ def test_peak_memory_counts_live_tensors():
 
 
 def test_bad_arguments_exit_2_with_one_line(tmp_path, capsys):
-    assert benchmark.main(["--device", "cpu", "--sizes", "8,x", "--out", str(tmp_path)]) == 2
+    assert suite.main(["--device", "cpu", "--sizes", "8,x", "--out", str(tmp_path)]) == 2
     assert capsys.readouterr().err.count("\n") == 1
-    assert benchmark.main(["--device", "tpu", "--out", str(tmp_path)]) == 2
+    assert suite.main(["--device", "tpu", "--out", str(tmp_path)]) == 2
     assert "--device 'tpu'" in capsys.readouterr().err
 
 
@@ -113,16 +113,16 @@ def test_epochs_table_runs_the_training_loop(monkeypatch):
 
     import nntrain
 
-    args = benchmark.build_parser().parse_args(["--device", "cpu", "--batch-size", "2", "--epoch-train-size", "8",
+    args = suite.build_parser().parse_args(["--device", "cpu", "--batch-size", "2", "--epoch-train-size", "8",
                                                 "--epoch-test-size", "4", "--epoch-compile", "off,graph"])
-    benchmark.resolve_args(args)
+    suite.resolve_args(args)
     calls = []
     train = nntrain.train
     monkeypatch.setattr(nntrain, "train", lambda *a, **k: calls.append(a[5:7]) or train(*a, **k))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        records = benchmark.run_epochs(args, torch.device("cpu"))
+        records = epochs.run_epochs(args, torch.device("cpu"))
     finally:
         torch.set_num_threads(threads)
     assert [(r["model"], r["lambda_position"]) for r in records[:4]] == [("baseline", "-")] + [
@@ -136,19 +136,19 @@ def test_epochs_table_runs_the_training_loop(monkeypatch):
         assert r["epoch_s"] == pytest.approx(8 / r["train_img_per_s"] + 4 / r["test_img_per_s"], rel=0.5)
         steady = 50_000 / r["train_img_per_s"] + 10_000 / r["test_img_per_s"]
         assert r["projected_90_epochs_s"] == pytest.approx(r["first_step_s"] + 90 * steady)
-    table = benchmark.epochs_markdown(records)
+    table = epochs.epochs_markdown(records)
     assert "| baseline | - | off (asked graph) |" in table and table.count("\n| lambda |") == 6
 
 
 def test_epochs_refuse_an_unknown_compile_mode(tmp_path, capsys):
-    assert benchmark.main(["--device", "cpu", "--epoch-compile", "off,turbo", "--out", str(tmp_path)]) == 2
+    assert suite.main(["--device", "cpu", "--epoch-compile", "off,turbo", "--out", str(tmp_path)]) == 2
     assert "--epoch-compile 'turbo' is not one of" in capsys.readouterr().err
 
 
 def test_benchmark_depth_builds_that_resnet():
-    args = benchmark.build_parser().parse_args(["--depth", "26", "--batch-size", "2", "--iters", "1", "--warmup", "0",
+    args = suite.build_parser().parse_args(["--depth", "26", "--batch-size", "2", "--iters", "1", "--warmup", "0",
                                                 "--amp", "fp32", "--channels-last", "off", "--device", "cpu"])
     import torch
 
-    result = benchmark.benchmark_model({"model": "baseline"}, args, torch.device("cpu"), "fp32")
+    result = models.benchmark_model({"model": "baseline"}, args, torch.device("cpu"), "fp32")
     assert result["params"] == 13_966_666 and result["train_img_s"] > 0  # ResNet-26, 10 classes

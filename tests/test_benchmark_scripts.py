@@ -10,7 +10,7 @@ import pytest
 
 from conftest import ROOT
 
-import benchmark
+from benchmarks import models, suite
 
 SCRIPTS = os.path.join(ROOT, "benchmarks")
 
@@ -65,9 +65,9 @@ def test_profile_step_writes_a_table_per_model(tmp_path):
                                              ("cifar", ["relative", "conv"])])
 def test_model_variants_skip_what_the_stem_refuses(stem, positions, capsys):
     """Absolute embeddings of the CIFAR stem's 32x32 maps are refused: the benchmark says so and skips them."""
-    args = benchmark.build_parser().parse_args(["--device", "cpu", "--stem", stem])
-    benchmark.resolve_args(args)
-    variants = benchmark.model_variants(args)
+    args = suite.build_parser().parse_args(["--device", "cpu", "--stem", stem])
+    suite.resolve_args(args)
+    variants = models.model_variants(args)
     assert variants[0] == {"model": "baseline"}
     assert [v["lambda_position"] for v in variants[1:]] == positions
     assert ("lambda absolute skipped" in capsys.readouterr().out) == (stem == "cifar")

@@ -344,7 +344,7 @@ def test_smoke_run(tmp_path, flags):
 
 # --- kernels, compilation, checkpoints ---
 
-# kernel-launching aten ops (benchmark.KernelCount) of one forward + backward: exact regression guards,
+# kernel-launching aten ops (benchmarks/measuring.py's KernelCount) of one forward + backward: exact regression guards,
 # not goals (issue 21 drops issue 12's kernel budgets: a graphed step makes launches cheap)
 KERNELS = {("absolute", None, 8, 1): 26, ("relative", None, 8, 1): 29, ("relative", None, 2, 1): 29,
            ("conv", 23, 8, 1): 29, ("conv", 23, 2, 1): 29, ("conv", 7, 8, 1): 22,
@@ -355,7 +355,8 @@ KERNELS = {("absolute", None, 8, 1): 26, ("relative", None, 8, 1): 29, ("relativ
 @pytest.mark.parametrize("position, r, size, u", list(KERNELS),
                          ids=[f"{p}-r{r}-{s}x{s}-u{u}" for p, r, s, u in KERNELS])
 def test_kernel_count_per_layer(position, r, size, u):
-    from benchmark import count_kernels, mixer_step
+    from benchmarks.measuring import count_kernels
+    from benchmarks.mixers import mixer_step
 
     torch.manual_seed(0)
     layer = LambdaLayer(16, heads=4, dim_k=4, dim_u=u, size=size, position=position, r=r).train()
@@ -366,7 +367,9 @@ def test_kernel_count_per_layer(position, r, size, u):
 
 def test_kernel_count_per_step():
     """Counted as benchmark.py counts it (ResNet-50, fp32, batch 2): an exact regression guard."""
-    from benchmark import build_parser, model_config, model_variants, resolve_args, step_kernels
+    from benchmarks.mixers import step_kernels
+    from benchmarks.models import model_config, model_variants
+    from benchmarks.suite import build_parser, resolve_args
 
     args = build_parser().parse_args(["--device", "cpu", "--batch-size", "2"])
     resolve_args(args)
