@@ -1,18 +1,22 @@
-"""Checkpoint files: what a checkpoint holds, crash-safe writes, loading, and finding a run's newest one."""
+"""Checkpoint files and resuming from them: what a checkpoint holds, crash-safe writes, loading,
+finding a run's newest one, whether its settings fit this run's, and restoring its state."""
 from __future__ import annotations
 
 import glob
 import os
 import random
 import re
+import shlex
 import shutil
 import sys
 
 import numpy as np
 import torch
 
+import distributed
 from distributed import unwrap
-from user_input import ConfigError
+from model_preparation import shaping_keys
+from user_input import ConfigError, defaults
 
 
 def model_folder(config: dict) -> str:
@@ -145,3 +149,118 @@ def save_checkpoints(state: dict, checkpoint_dir: str, improved: bool, every: in
     if improved:
         copies.append(os.path.join(checkpoint_dir, "best.pt"))
     save_checkpoint(state, os.path.join(checkpoint_dir, "last.pt"), tuple(copies))
+
+
+def training_checkpoint(training, next_epoch: int, best: dict, config: dict) -> dict:
+    """checkpoint_state of a model_preparation.Training."""
+    return checkpoint_state(training.model, training.optimizer, training.scheduler, next_epoch, best, config,
+                            training.scaler)
+
+
+# --- resuming ---
+
+def setting_differences(saved: dict, config: dict, keys) -> list[str]:
+    """The settings among `keys` that differ in `saved`, as "KEY=saved (now new)".
+
+    A setting that `saved` lacks (a checkpoint older than the setting) counts as its default.
+    """
+    saved = {**defaults(), **saved}
+    return [f"{key.upper()}={saved[key]!r} (now {config[key]!r})" for key in keys if saved[key] != config[key]]
+
+
+def model_differences(saved: dict, config: dict) -> list[str]:
+    """The settings shaping `config`'s network that differ in `saved` (setting_differences)."""
+    return setting_differences(saved, config, shaping_keys(config))
+
+
+def resolve_resume(config: dict) -> dict | None:
+    """The checkpoint to resume from (checked against the model settings), or None.
+
+    "latest" takes the newest run of MODEL and falls back from a damaged last.pt to the newest
+    loadable checkpoint of that run; an explicit path must load.
+    """
+    if not config["resume"]:
+        return None
+    if config["resume"] == "latest":
+        checkpoint = newest_loadable(latest_run(config))
+    else:
+        checkpoint = load_checkpoint(config["resume"])
+    path, different = checkpoint["path"], model_differences(checkpoint["config"], config)
+    if different:
+        raise ConfigError(f"checkpoint {path} was trained with {', '.join(different)}; "
+                          f"resume with the same model settings")
+    # VAL_SIZE, and SEED where there is a split (it draws the held-out images)
+    split_keys = ("val_size", "seed") if checkpoint["config"].get("val_size") or config["val_size"] else ()
+    split = setting_differences(checkpoint["config"], config, split_keys)
+    if split:
+        raise ConfigError(f"checkpoint {path} was trained with another validation split ({', '.join(split)}); "
+                          f"resume with the same --val-size and --seed")
+    return checkpoint
+
+
+def resolve_resume_on_main(config: dict) -> dict | None:
+    """resolve_resume on rank 0; the other ranks load the checkpoint it chose (not their own
+    "latest", which rank 0 may be writing meanwhile)."""
+    found = {}
+
+    def resolve() -> str:
+        found["checkpoint"] = resolve_resume(config)
+        return found["checkpoint"]["path"] if found["checkpoint"] is not None else ""
+
+    path = distributed.from_main(resolve)
+    if distributed.is_main():
+        return found["checkpoint"]
+    return load_checkpoint(path) if path else None
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Load `state` but keep this optimizer's own capturable flags and a float learning rate (a
+    CUDA-graph run saves its learning rate as a float32 device tensor; make_capturable redoes that)."""
+    capturable = [group["capturable"] for group in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, flag in zip(optimizer.param_groups, capturable):
+        group["capturable"] = flag
+        group["lr"] = float(group["lr"])
+
+
+def restore(checkpoint: dict, model, optimizer, scheduler, scaler=None) -> None:
+    """Model, optimizer, schedule, fp16 scaler and RNG states as `checkpoint` saved them."""
+    unwrap(model).load_state_dict(checkpoint["model"])
+    load_optimizer_state(optimizer, checkpoint["optimizer"])
+    scheduler.load_state_dict(checkpoint["scheduler"])
+    if scaler is not None and checkpoint.get("scaler"):  # empty when the run was not fp16
+        scaler.load_state_dict(checkpoint["scaler"])
+    set_rng_states(checkpoint["rng"])
+
+
+def restore_training(checkpoint: dict | None, training) -> tuple[int, dict]:
+    """(first epoch to train, best so far: the validation accuracy with a split, else the test
+    accuracy): the checkpoint's, restored into `training`, or a fresh start's."""
+    if checkpoint is None:
+        return 0, {"acc": -1.0, "epoch": 0}
+    restore(checkpoint, training.model, training.optimizer, training.scheduler, training.scaler)
+    return checkpoint["epoch"], {"acc": checkpoint["best_acc"], "epoch": checkpoint["best_epoch"]}
+
+
+def first_checkpoint(checkpoint_dir: str, checkpoint: dict | None, training, best: dict, config: dict) -> str:
+    """Write epoch 0's last.pt (a run killed in its first epoch can be resumed too) or, resuming,
+    clear the temporaries of a killed write; return the path of last.pt."""
+    last = os.path.join(checkpoint_dir, "last.pt")
+    if distributed.is_main() and checkpoint is None:
+        save_checkpoint(training_checkpoint(training, 0, best, config), last)
+    elif distributed.is_main():
+        remove_stale_temporaries(checkpoint_dir)
+    return last
+
+
+def resume_command(argv: list[str], checkpoint: str, prog: str = "main_general.py") -> str:
+    """The command line that continues this run from `checkpoint` (with torchrun if it ran under it)."""
+    kept, skip = [], False
+    for arg in argv:
+        if not skip and arg != "--resume" and not arg.startswith("--resume="):
+            kept.append(arg)
+        skip = arg == "--resume"
+    launcher = ["python"]
+    if distributed.launched_by_torchrun():
+        launcher = ["torchrun", f"--nproc-per-node={os.environ.get('LOCAL_WORLD_SIZE', distributed.world_size())}"]
+    return shlex.join([*launcher, prog, *kept, "--resume", checkpoint])

@@ -66,6 +66,10 @@ class GraphedStep:
         self.eager_steps = 0
         self.failure = None  # the CaptureError of a failed capture, raised again if called again
 
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.step.model
+
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, check=None) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits, loss) of the step: tensors of their own, which a later replay leaves alone."""
         if self.failure is not None:

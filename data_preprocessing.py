@@ -30,7 +30,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision import datasets, transforms, utils
 from torchvision.datasets.utils import check_integrity
 
-from user_input import ConfigError, switched_on
+from speed import switched_on
+from user_input import ConfigError
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)  # reproduction, Table 3
 CIFAR10_STD = (0.2023, 0.1994, 0.2010)

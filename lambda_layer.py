@@ -103,7 +103,8 @@ class LambdaLayer(nn.Module):
                  position: str = "absolute", embedding: nn.Parameter | None = None):
         super().__init__()
         dim_out = dim_out or dim
-        assert dim_out % heads == 0, f"dim_out={dim_out} must be divisible by heads={heads}"
+        if dim_out % heads:
+            raise ValueError(f"dim_out={dim_out} must be divisible by heads={heads}")
         self.position = position
         self.size = self._checked_size(position, r, size)
         self.r = r

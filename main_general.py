@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-import shlex
 import signal
 import sys
 import threading
@@ -24,6 +23,7 @@ import data_preprocessing
 import distributed
 import lambda_diagnostics
 import model_preparation as prep
+import speed
 from cuda_graph import CaptureError
 from log_data import RunLogger
 from nntest import evaluate_confusion
@@ -136,19 +136,6 @@ def stop_on_signals():
             signal.signal(signum, handler)
 
 
-def resume_command(argv: list[str], checkpoint: str) -> str:
-    """The command line that continues this run from `checkpoint` (with torchrun if it ran under it)."""
-    kept, skip = [], False
-    for arg in argv:
-        if not skip and arg != "--resume" and not arg.startswith("--resume="):
-            kept.append(arg)
-        skip = arg == "--resume"
-    launcher = ["python"]
-    if distributed.launched_by_torchrun():
-        launcher = ["torchrun", f"--nproc-per-node={os.environ.get('LOCAL_WORLD_SIZE', distributed.world_size())}"]
-    return shlex.join([*launcher, PROG, *kept, "--resume", checkpoint])
-
-
 class SilentLogger:
     """The logger of torchrun's ranks other than 0: only rank 0 writes the run's files and prints."""
 
@@ -163,36 +150,21 @@ class SilentLogger:
     def close(self) -> None: ...
 
 
-def resolve_resume_on_main(config: dict) -> dict | None:
-    """prep.resolve_resume on rank 0; the other ranks load the checkpoint it chose (not their own
-    "latest", which rank 0 may be writing meanwhile)."""
-    found = {}
-
-    def resolve() -> str:
-        found["checkpoint"] = prep.resolve_resume(config)
-        return found["checkpoint"]["path"] if found["checkpoint"] is not None else ""
-
-    path = distributed.from_main(resolve)
-    if distributed.is_main():
-        return found["checkpoint"]
-    return checkpoints.load_checkpoint(path) if path else None
-
-
 def run(config: dict, stop: StopRequest) -> None:
     """A run, in order: device and resume point, what it trains with, its folders and first
     checkpoint, then the epochs, logged to the run directory."""
     device = prepare_device(config)
-    checkpoint = resolve_resume_on_main(config)
+    checkpoint = checkpoints.resolve_resume_on_main(config)
     if checkpoint is not None:
         config["run_name"] = checkpoint["config"]["run_name"]
-    prep.configure_backends(config, device)
+    speed.configure_backends(config, device)
     seed_everything(config["seed"])
     training = prep.build_training(config, device)
-    start_epoch, best = restore_state(checkpoint, training)
+    start_epoch, best = checkpoints.restore_training(checkpoint, training)
     # rank 0 names the run (a timestamp) and creates its folders; the other ranks take that name
     run_dir, checkpoint_dir = distributed.from_main(lambda: claim_run_dirs(config, resuming=checkpoint is not None))
     config["run_name"] = os.path.basename(run_dir)
-    stop.resume_from = first_checkpoint(checkpoint_dir, checkpoint, training, best, config)
+    stop.resume_from = checkpoints.first_checkpoint(checkpoint_dir, checkpoint, training, best, config)
     logger = RunLogger(run_dir, start_epoch) if distributed.is_main() else SilentLogger()
     try:
         log_start(logger, config, training, device, checkpoint, start_epoch, (run_dir, checkpoint_dir))
@@ -209,34 +181,8 @@ def prepare_device(config: dict) -> torch.device:
     """The run's device, once its folders are known to be writable; under torchrun this rank's."""
     check_writable(config["runs_dir"], "runs_dir")
     check_writable(config["checkpoint_dir"], "checkpoint_dir")
-    device = prep.select_device(config["device"])
+    device = speed.select_device(config["device"])
     return distributed.init_distributed(device) if distributed.launched_by_torchrun() else device
-
-
-def restore_state(checkpoint: dict | None, training: prep.Training) -> tuple[int, dict]:
-    """(first epoch to train, best so far: the validation accuracy with a split, else the test accuracy):
-    the checkpoint's, or a fresh start's."""
-    if checkpoint is None:
-        return 0, {"acc": -1.0, "epoch": 0}
-    prep.restore(checkpoint, training.model, training.optimizer, training.scheduler, training.scaler)
-    return checkpoint["epoch"], {"acc": checkpoint["best_acc"], "epoch": checkpoint["best_epoch"]}
-
-
-def first_checkpoint(checkpoint_dir: str, checkpoint: dict | None, training: prep.Training, best: dict,
-                     config: dict) -> str:
-    """Write epoch 0's last.pt (a run killed in its first epoch can be resumed too) or, resuming,
-    clear the temporaries of a killed write; return the path of last.pt."""
-    last = os.path.join(checkpoint_dir, "last.pt")
-    if distributed.is_main() and checkpoint is None:
-        checkpoints.save_checkpoint(checkpoint_of(training, 0, best, config), last)
-    elif distributed.is_main():
-        checkpoints.remove_stale_temporaries(checkpoint_dir)
-    return last
-
-
-def checkpoint_of(training: prep.Training, next_epoch: int, best: dict, config: dict) -> dict:
-    return checkpoints.checkpoint_state(training.model, training.optimizer, training.scheduler, next_epoch, best,
-                                        config, training.scaler)
 
 
 def log_start(logger, config: dict, training: prep.Training, device: torch.device, checkpoint: dict | None,
@@ -247,9 +193,9 @@ def log_start(logger, config: dict, training: prep.Training, device: torch.devic
                 f"({config['dataset']})" + (f"; {len(training.val_loader.dataset)} training images held out for "
                                             f"validation, which chooses best.pt" if training.val_loader else ""))
     logger.text("config: " + ", ".join(f"{k}={v!r}" for k, v in config.items()))
-    logger.text(f"speed: {prep.describe_amp(config['amp'], training.amp, device)}, channels_last "
-                f"{training.channels_last}, device loader {isinstance(training.train_loader, data_preprocessing.DeviceLoader)}, "
-                f"compile {training.compile}, {torch.get_num_threads()} CPU threads")
+    logger.text(f"speed: {training.speed.describe_amp()}, channels_last {training.speed.channels_last}, device loader "
+                f"{isinstance(training.train_loader, data_preprocessing.DeviceLoader)}, compile {training.speed.compile}, "
+                f"{torch.get_num_threads()} CPU threads")
     if distributed.distributed():
         world = distributed.world_size()
         logger.text(f"torchrun: {world} processes ({torch.distributed.get_backend()}), global batch "
@@ -303,7 +249,7 @@ def train_epochs(config: dict, training: prep.Training, device: torch.device, st
             logger.lambdas(epoch + 1, lambda_diagnostics.content_position_shares(training.model, probe),
                            lambda_diagnostics.position_figure(training.model, f"epoch {epoch + 1}"))
         if distributed.is_main():
-            checkpoints.save_checkpoints(checkpoint_of(training, epoch + 1, best, config), checkpoint_dir, improved,
+            checkpoints.save_checkpoints(checkpoints.training_checkpoint(training, epoch + 1, best, config), checkpoint_dir, improved,
                                          config["checkpoint_every"])
         if distributed.any_rank(stop.event.is_set())[0] and epoch + 1 < config["epochs"]:
             raise TrainingInterrupted(f"epoch {epoch + 2}, before its first step")
@@ -329,16 +275,16 @@ def train_and_evaluate(config: dict, training: prep.Training, device: torch.devi
     """One epoch: train, evaluate, step the schedule; the epoch's record (and its confusion matrix)."""
     data_preprocessing.seed_epoch(training.generator, config["seed"], epoch, training.train_loader, distributed.rank())
     lr = float(training.optimizer.param_groups[0]["lr"])  # a device tensor under COMPILE=graph
-    train_loss, train_acc, train_time, img_per_s = train(
-        training.model, training.train_loader, training.criterion, training.optimizer, device, epoch,
-        config["max_batches"], channels_last=training.channels_last, stop=stop.event, step=training.step)
+    train_loss, train_acc, train_time, img_per_s = train(training.step, training.train_loader, device, epoch,
+                                                         config["max_batches"], channels_last=training.speed.channels_last,
+                                                         stop=stop.event)
     test_start = time.perf_counter()
     distributed.sync_buffers(training.model)  # under torchrun: every rank evaluates rank 0's BatchNorm statistics
     evaluated = distributed.unwrap(training.model) if distributed.distributed() else training.model
 
     def evaluate(loader):
         return evaluate_confusion(evaluated, loader, training.criterion, device, config["max_batches"],
-                                  autocast=training.autocast, channels_last=training.channels_last)
+                                  autocast=training.speed.autocast(), channels_last=training.speed.channels_last)
     test_loss, test_acc, confusion = evaluate(training.test_loader)
     record = {"epoch": epoch + 1, "train_loss": train_loss, "train_acc": train_acc, "test_loss": test_loss,
               "test_acc": test_acc, "lr": lr, "epoch_time_s": train_time, "train_img_per_s": img_per_s}
@@ -368,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         except (TrainingInterrupted, KeyboardInterrupt) as error:
             if distributed.is_main():
                 where = f"in {error}" if isinstance(error, TrainingInterrupted) else "at once"
-                resume = (f"resume with: {resume_command(argv, stop.resume_from)}" if stop.resume_from
+                resume = (f"resume with: {checkpoints.resume_command(argv, stop.resume_from, PROG)}" if stop.resume_from
                           else "no checkpoint was written yet; start the run again")
                 print(f"{PROG}: stopped by {stop.name()} {where}; {resume}", file=sys.stderr)
             return 128 + (stop.signal or signal.SIGINT)

@@ -21,6 +21,7 @@ import data_preprocessing
 import distributed
 import lambda_diagnostics
 import model_preparation as prep
+import speed
 import user_input
 from figures import confusion_figure, save
 from log_data import per_class_accuracy
@@ -107,7 +108,7 @@ def evaluate_checkpoint(path: str, overrides: dict, out_dir: str) -> dict:
     """Evaluate the checkpoint at `path`; print the results and save the confusion PNG in `out_dir`."""
     checkpoint = checkpoints.load_checkpoint(path)
     config = checkpoint_config(checkpoint, overrides)
-    device = prep.select_device(config["device"])
+    device = speed.select_device(config["device"])
     model = prep.build_model(config)
     try:
         model.load_state_dict(checkpoint["model"])

@@ -35,7 +35,7 @@ def synchronize(device: torch.device) -> None:
 class EagerStep:
     """One training step, op by op: forward, loss, backward, optimizer step.
 
-    ``autocast``: the run's one autocast context (model_preparation.autocast); ``scaler``: the fp16
+    ``autocast``: the run's autocast context (speed.Speed.autocast); ``scaler``: the fp16
     gradient scaler (a disabled one passes straight through). ``mark_steps``: tell torch.compile's
     CUDA graphs (modes reduce-overhead, max-autotune) that a new step begins.
     """
@@ -174,20 +174,17 @@ def progress_bar(loader, total: int, description: str) -> tqdm:
                 disable=not distributed.is_main())
 
 
-def train(model: nn.Module, loader: DataLoader, criterion: nn.Module, optimizer: torch.optim.Optimizer,
-          device: torch.device, epoch: int, max_batches: int = 0, *, autocast=None,
-          scaler: torch.amp.GradScaler | None = None, channels_last: bool = False,
-          stop: threading.Event | None = None, step=None) -> tuple[float, float, float, float]:
-    """Train for one epoch; return (mean loss, top-1 accuracy %, seconds, images per second).
+def train(step, loader: DataLoader, device: torch.device, epoch: int, max_batches: int = 0, *,
+          channels_last: bool = False, stop: threading.Event | None = None) -> tuple[float, float, float, float]:
+    """Train for one epoch with ``step`` (an EagerStep, or a GraphedStep that replays one from a
+    CUDA graph); return (mean loss, top-1 accuracy %, seconds, images per second).
 
-    ``step``: the training step (default an EagerStep of these pieces; a GraphedStep replays one
-    from a CUDA graph). Loss and correct counts accumulate on the device; the host reads them every
-    READ_EVERY_S for the progress bar and at the end, never once per step. ``StepChecks`` says
-    how stop requests and non-finite losses end the epoch. Under torchrun loss, accuracy and images
-    per second are over all ranks.
+    Loss and correct counts accumulate on the device; the host reads them every READ_EVERY_S for
+    the progress bar and at the end, never once per step. ``StepChecks`` says how stop requests
+    and non-finite losses end the epoch. Under torchrun loss, accuracy and images per second are
+    over all ranks.
     """
-    model.train()
-    step = step if step is not None else EagerStep(model, criterion, optimizer, autocast, scaler)
+    step.model.train()
     memory_format = torch.channels_last if channels_last else torch.preserve_format
     total = min(len(loader), max_batches) if max_batches else len(loader)
     checks, meter = StepChecks(device, epoch, total, stop), Meter(device)

@@ -16,7 +16,7 @@ import re
 
 import torch.nn as nn
 
-from lambda_layer import POSITIONS, LambdaLayer, make_position_embedding
+from lambda_layer import LambdaLayer, make_position_embedding
 from resnet import STAGE_WIDTHS, ResNet, conv3x3_mixer
 
 # Largest absolute E (n * m * k * u entries) a model may hold: 2^22 floats are 16 MiB, plus as
@@ -93,18 +93,12 @@ def lambda_resnet(num_classes: int = 10, stem: str = "imagenet", heads: int = 4,
                   position: str = "absolute", r: int = 23, dim_u: int = 1, stages: str = "LLLL",
                   depth: int = 50) -> ResNet:
     """ResNet (ResNet-50 unless `depth` says 26 or 101) with lambda layers in place of the bottleneck
-    3x3 convs of the "L" stages of c2-c5."""
+    3x3 convs of the "L" stages of c2-c5. LambdaLayer refuses heads that do not divide a stage's
+    width, an unknown position and an even r."""
     if isinstance(image_size, int):
         image_size = (image_size, image_size)
-    for width in STAGE_WIDTHS:
-        if width % heads:
-            raise ValueError(f"heads={heads} must divide every lambda layer's width {STAGE_WIDTHS}")
-    if position not in POSITIONS:
-        raise ValueError(f"position={position!r} is not one of {', '.join(POSITIONS)}")
     if not re.fullmatch(r"[CL]{4}", stages):
         raise ValueError(f"stages={stages!r} must be 4 letters C (conv) or L (lambda) for c2-c5, e.g. 'CCLL'")
-    if position == "conv" and (r < 1 or r % 2 == 0):
-        raise ValueError(f"r={r} must be odd and >= 1 (an r x r context centred on the query)")
     entries = largest_absolute_embedding(image_size, stem, stages, dim_k, dim_u) if position == "absolute" else 0
     if entries > MAX_ABSOLUTE_ENTRIES:
         raise ValueError(f"absolute embeddings for {stem!r} stem maps need {entries:,} entries > "

@@ -171,20 +171,12 @@ def validate(config: dict) -> None:
     if not re.fullmatch(r"[CL]{4}", config["lambda_stages"]):
         raise ConfigError(f"LAMBDA_STAGES={config['lambda_stages']!r} must be 4 letters C (conv) or L (lambda) "
                           f"for stages c2-c5, e.g. LLLL, CCLL or CCCL")
-    if config["amp"] == "fp16" and config["device"] in ("cpu", "mps"):
-        raise ConfigError(f"AMP=fp16 needs CUDA (it trains with a gradient scaler); on {config['device']} "
-                          f"use --amp bf16 or --amp fp32")
     if not isinstance(config["sync_bn"], bool):
         raise ConfigError(f"SYNC_BN={config['sync_bn']!r} must be true or false")
     if config["model"] == "lambda":
         _validate_lambda(config)
     if re.search(r"[/\\]", config["run_name"]) or config["run_name"] in (".", ".."):
         raise ConfigError(f"RUN_NAME={config['run_name']!r} must be a plain name, not a path")
-
-
-def switched_on(setting: str, device) -> bool:
-    """An "auto" / "on" / "off" speed setting for this device: "auto" means on CUDA only."""
-    return setting == "on" or (setting == "auto" and device.type == "cuda")
 
 
 def _validate_lambda(config: dict) -> None:

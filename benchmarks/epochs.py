@@ -39,12 +39,12 @@ def benchmark_epochs(variant: dict, args, device: torch.device, data_dir: str, c
 
     def train(epoch: int, max_batches: int = 0):
         data_preprocessing.seed_epoch(training.generator, config["seed"], epoch, training.train_loader)
-        return nntrain.train(training.model, training.train_loader, training.criterion, training.optimizer, device,
-                             epoch, max_batches, channels_last=training.channels_last, step=training.step)
+        return nntrain.train(training.step, training.train_loader, device, epoch, max_batches,
+                             channels_last=training.speed.channels_last)
 
     def evaluate(max_batches: int = 0):
         return evaluate_confusion(training.model, training.test_loader, training.criterion, device, max_batches,
-                                  autocast=training.autocast, channels_last=training.channels_last)
+                                  autocast=training.speed.autocast(), channels_last=training.speed.channels_last)
 
     first_steps = cuda_graph.WARMUP_STEPS + 1  # through the capture of a CUDA graph
     _, first_s = timed(lambda: (train(0, first_steps), evaluate(WARMUP_TEST_BATCHES)), device)
@@ -53,7 +53,7 @@ def benchmark_epochs(variant: dict, args, device: torch.device, data_dir: str, c
     test_img_per_s = int(confusion.sum()) / test_s
     steady_epoch_s = CIFAR10_TRAIN / train_img_per_s + CIFAR10_TEST / test_img_per_s
     record = {"model": config["model"], "lambda_position": variant.get("lambda_position", "-"),
-              "compile": training.compile, "compile_setting": compile_mode, "amp": training.amp, "batch": config["batch_size"],
+              "compile": training.speed.compile, "compile_setting": compile_mode, "amp": training.speed.amp, "batch": config["batch_size"],
               "train_images": config["synthetic_train_size"], "test_images": int(confusion.sum()),
               "first_step_s": first_s, "first_steps": first_steps, "train_img_per_s": train_img_per_s,
               "test_img_per_s": test_img_per_s,

@@ -25,6 +25,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import models  # noqa: E402
 import model_preparation as prep  # noqa: E402
+import speed  # noqa: E402
 import user_input  # noqa: E402
 from nntrain import synchronize  # noqa: E402
 
@@ -75,10 +76,10 @@ def main(argv: list[str] | None = None) -> int:
             models.model_config(variant, args)  # refuses bad settings (the device's name too) before any work
             variants[f"{mode} (this tree)"] = (variant, None)
             variants[f"{mode} ({args.commit})"] = (variant, old)
-        device = prep.select_device(args.device)
-        amp = prep.resolve_amp(args.amp, device)
-        prep.configure_backends({"num_threads": args.num_threads, "cudnn_benchmark": True}, device)
-        steps = {name: models.model_steps(variant, args, device, amp, build_with(module)).train_step
+        device = speed.select_device(args.device)
+        amp = speed.resolve_amp(args.amp, device)
+        speed.configure_backends({"num_threads": args.num_threads, "cudnn_benchmark": True}, device)
+        steps = {name: models.model_steps(variant, args, device, build_with(module)).train_step
                  for name, (variant, module) in variants.items()}
     except user_input.ConfigError as error:
         print(f"layer_versions.py: error: {error}", file=sys.stderr)

@@ -11,10 +11,10 @@ import torch.nn.functional as F
 import distributed
 import model_preparation as prep
 import resnet_lambda
-import user_input
 from benchmarks.measuring import count_kernels, measure
 from benchmarks.models import benchmark_model, model_config, model_variants
 from resnet import STAGE_WIDTHS
+from speed import switched_on
 
 
 KERNEL_TARGET = 24  # most kernel-launching ops per lambda layer forward + backward (issue 12)
@@ -68,7 +68,7 @@ def benchmark_mixer(mixer: nn.Module, key: tuple, args, device: torch.device) ->
     """Time (median ms) and kernel count of one mixer's forward + backward at the model batch."""
     width, size, stride = key
     mixer = mixer.to(device).train()
-    memory_format = torch.channels_last if user_input.switched_on(args.channels_last, device) else torch.contiguous_format
+    memory_format = torch.channels_last if switched_on(args.channels_last, device) else torch.contiguous_format
     x = torch.randn(args.batch_size, width, size, size, device=device).contiguous(memory_format=memory_format)
     x.requires_grad_(True)
     step = mixer_step(mixer, x, torch.randn_like(mixer(x)))  # the gradient in the output's layout
@@ -97,10 +97,10 @@ def mixer_rows(args, device: torch.device) -> tuple[list[dict], dict]:
     return list(rows.values()), per_step
 
 
-def benchmark_mixers(models: list[dict], args, device: torch.device, amp: str) -> dict:
+def benchmark_mixers(models: list[dict], args, device: torch.device) -> dict:
     """The mixer table, the network totals against the identity-mixer floor, and the kernel counts."""
     rows, per_step = mixer_rows(args, device)
-    floor = benchmark_model(FLOOR, args, device, amp, build=identity_mixer_floor)
+    floor = benchmark_model(FLOOR, args, device, build=identity_mixer_floor)
     step_ms = {"conv" if m["model"] == "baseline" else f"lambda_{m['position']}": m["train_step_ms"] for m in models}
     totals = {"floor_step_ms": floor["train_step_ms"], "bound_baseline_over_floor": step_ms["conv"] / floor["train_step_ms"]}
     for name, ms in step_ms.items():

@@ -13,6 +13,7 @@ import distributed
 import model_preparation as prep
 import user_input
 from benchmarks.measuring import measure
+from speed import resolve_speed, speed_up
 from lambda_layer import POSITIONS
 from user_input import ConfigError
 
@@ -48,40 +49,32 @@ class ModelSteps:
     infer_step: object  # () -> None: a forward under no_grad
 
 
-def model_steps(variant: dict, args, device: torch.device, amp: str, build=prep.build_model) -> ModelSteps:
+def model_steps(variant: dict, args, device: torch.device, build=prep.build_model) -> ModelSteps:
     """The model of one variant (``build(config)``, seed 0) sped up as the run does (channels_last,
-    compile), its optimizer, loss, autocast and scaler, and a training and an inference step on
-    --batch-size random images."""
+    compile), and its training step (the run's own, with its optimizer, loss, autocast and scaler)
+    and inference step on --batch-size random images."""
     config = model_config(variant, args)
+    speed = resolve_speed(config, device)
     torch.manual_seed(0)
-    model = prep.speed_up(build(config).to(device), config, device)
+    model = speed_up(build(config).to(device), config, speed)
     optimizer = prep.build_optimizer(model, config)
-    criterion = prep.build_criterion(config)
-    autocast, scaler = prep.autocast(amp, device), prep.build_scaler(amp, device)
-    memory_format = torch.channels_last if user_input.switched_on(args.channels_last, device) else torch.contiguous_format
-    images = torch.randn(args.batch_size, 3, 32, 32, device=device).contiguous(memory_format=memory_format)
+    step = prep.training_step(model, prep.build_criterion(config), optimizer, speed, speed.scaler())
+    images = torch.randn(args.batch_size, 3, 32, 32, device=device).contiguous(memory_format=speed.memory_format)
     labels = torch.randint(0, distributed.unwrap(model).fc.out_features, (args.batch_size,), device=device)
-
-    def train_step():
-        with autocast:
-            loss = criterion(model(images), labels)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+    autocast = speed.autocast()
 
     @torch.no_grad()
     def infer_step():
         with autocast:
             model(images)
 
-    return ModelSteps(model, optimizer, images, labels, train_step, infer_step)
+    return ModelSteps(model, optimizer, images, labels, lambda: step(images, labels), infer_step)
 
 
-def benchmark_model(variant: dict, args, device: torch.device, amp: str, build=prep.build_model) -> dict:
+def benchmark_model(variant: dict, args, device: torch.device, build=prep.build_model) -> dict:
     """Training and inference throughput and peak training memory of one ResNet variant (--depth)
     (``build(config)`` makes the model: the identity-mixer floor of the mixer table passes its own)."""
-    steps = model_steps(variant, args, device, amp, build)
+    steps = model_steps(variant, args, device, build)
     model, optimizer, images, labels = steps.model, steps.optimizer, steps.images, steps.labels
     train_step, infer_step = steps.train_step, steps.infer_step
 

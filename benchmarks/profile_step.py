@@ -21,7 +21,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import models  # noqa: E402
-import model_preparation as prep  # noqa: E402
+import speed  # noqa: E402
 from user_input import ConfigError  # noqa: E402
 from nntrain import synchronize  # noqa: E402
 
@@ -82,18 +82,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for variant in variants.values():  # refuse bad settings (the device's name too) before any work
             models.model_config(variant, args)
-        device = prep.select_device(args.device)
+        device = speed.select_device(args.device)
     except ConfigError as error:
         print(f"profile_step.py: error: {error}", file=sys.stderr)
         return 2
-    amp = prep.resolve_amp(args.amp, device)
-    prep.configure_backends({"num_threads": args.num_threads, "cudnn_benchmark": True}, device)
+    amp = speed.resolve_amp(args.amp, device)
+    speed.configure_backends({"num_threads": args.num_threads, "cudnn_benchmark": True}, device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     lines = [f"# Training step profile on {name}", "",
              f"`python benchmarks/profile_step.py {' '.join(argv if argv is not None else sys.argv[1:])}`: "
              f"ResNet-50, 32x32, batch {args.batch_size}, AMP {amp}, eager (no CUDA graph), torch {torch.__version__}.", ""]
     for label, variant in variants.items():
-        step = models.model_steps(variant, args, device, amp).train_step  # as a run trains
+        step = models.model_steps(variant, args, device).train_step  # as a run trains
         section = profile_model(label, step, args, device)
         print("\n".join(section), flush=True)
         lines += section

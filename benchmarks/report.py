@@ -7,11 +7,11 @@ import platform
 
 import torch
 
-import model_preparation as prep
 from benchmarks.epochs import epochs_markdown
 from benchmarks.layers import layer_targets, layers_markdown
 from benchmarks.mixers import mixers_markdown
 from benchmarks.models import models_markdown, speed_targets
+from speed import available_cpus
 
 
 def cpu_name() -> str:
@@ -24,7 +24,7 @@ def cpu_name() -> str:
 
 def machine(device: torch.device) -> dict:
     name = (torch.cuda.get_device_name(device) if device.type == "cuda"
-            else f"{cpu_name()}, {prep.available_cpus()} cores")
+            else f"{cpu_name()}, {available_cpus()} cores")
     return {"device": str(device), "device_name": name, "torch": torch.__version__, "threads": torch.get_num_threads(),
             "python": platform.python_version(), "platform": platform.platform(),
             "load_average_1min_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}

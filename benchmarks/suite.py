@@ -7,7 +7,7 @@ import os
 import re
 import sys
 
-import model_preparation as prep
+import speed
 import user_input
 from benchmarks.epochs import run_epochs
 from benchmarks.layers import benchmark_layer, extra_status, layer_builders, plot
@@ -91,9 +91,9 @@ def resolve_args(args) -> None:
 
 def run(args, argv: list[str]) -> dict:
     resolve_args(args)
-    device = prep.select_device(args.device)
-    amp = prep.resolve_amp(args.amp, device)
-    prep.configure_backends({"num_threads": args.num_threads, "cudnn_benchmark": True}, device)
+    device = speed.select_device(args.device)
+    amp = speed.resolve_amp(args.amp, device)  # as the models' settings resolve it
+    speed.configure_backends({"num_threads": args.num_threads, "cudnn_benchmark": True}, device)
     out = args.out or os.path.join("benchmarks", "results", device.type)
     try:
         os.makedirs(out, exist_ok=True)
@@ -107,11 +107,11 @@ def run(args, argv: list[str]) -> dict:
     models, layers = report["models"], report["layers"]
     if not args.skip_models:
         for variant in model_variants(args):
-            models.append(benchmark_model(variant, args, device, amp))
+            models.append(benchmark_model(variant, args, device))
             print(f"{variant}: {models[-1]['train_img_s']:.1f} train img/s, {models[-1]['infer_img_s']:.1f} inference img/s",
                   flush=True)
             write_report(report, args, out)
-    report["mixers"] = benchmark_mixers(models, args, device, amp) if models else None
+    report["mixers"] = benchmark_mixers(models, args, device) if models else None
     write_report(report, args, out)
     for size in args.sizes:
         for name, build in layer_builders(args).items():

@@ -19,7 +19,7 @@ from lambda_layer import POSITIONS
 def test_a_run_cut_short_keeps_the_parts_it_finished(tmp_path, monkeypatch):
     """The JSON and markdown are written after each part: a run stopped in the layer table (a
     timeout's SIGINT) leaves the models' rows on disk, marked unfinished."""
-    def model_row(variant, args, device, amp, build=None):
+    def model_row(variant, args, device, build=None):
         return {"model": variant["model"], "position": variant.get("lambda_position", "-"), "params": 1, "batch": 2, "train_img_s": 10.0,
                 "infer_img_s": 20.0, "train_step_ms": 5.0, "train_peak_mb": 1.0}
 
@@ -118,7 +118,7 @@ def test_epochs_table_runs_the_training_loop(monkeypatch):
     suite.resolve_args(args)
     calls = []
     train = nntrain.train
-    monkeypatch.setattr(nntrain, "train", lambda *a, **k: calls.append(a[5:7]) or train(*a, **k))
+    monkeypatch.setattr(nntrain, "train", lambda *a, **k: calls.append(a[3:5]) or train(*a, **k))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -150,5 +150,5 @@ def test_benchmark_depth_builds_that_resnet():
                                                 "--amp", "fp32", "--channels-last", "off", "--device", "cpu"])
     import torch
 
-    result = models.benchmark_model({"model": "baseline"}, args, torch.device("cpu"), "fp32")
+    result = models.benchmark_model({"model": "baseline"}, args, torch.device("cpu"))
     assert result["params"] == 13_966_666 and result["train_img_s"] > 0  # ResNet-26, 10 classes

@@ -66,6 +66,9 @@ def test_runtime_input_errors_exit_2(tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     assert main_general.main([*common, "--data-dir", str(tmp_path / "file")]) == 2
     assert "is a file" in capsys.readouterr().err
+    assert main_general.main([*common, "--device", "cpu", "--amp", "fp16"]) == 2  # a rule of the device: after parsing
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "AMP=fp16 needs CUDA" in err
     assert not (tmp_path / "runs").exists()  # nothing was written for a run that never started
 
 

@@ -17,11 +17,13 @@ import time
 import pytest
 import torch
 
+import checkpoints
 import log_data
 import main_general
 import model_preparation as prep
+import speed
 from conftest import ROOT, SMOKE_FLAGS
-from nntrain import NonFiniteLossError, train
+from nntrain import EagerStep, NonFiniteLossError, train
 from test_cuda_graph import CAPTURE_ERROR, FakeCuda
 from user_input import ConfigError, defaults
 
@@ -186,7 +188,7 @@ def test_ctrl_c_to_the_process_group_with_workers(tmp_path):
 
 def test_resume_command_replaces_an_earlier_resume():
     argv = ["--epochs", "9", "--resume", "latest", "--resume=old.pt", "--run-name", "a b"]
-    assert main_general.resume_command(argv, "ck/last.pt") == \
+    assert checkpoints.resume_command(argv, "ck/last.pt") == \
         "python main_general.py --epochs 9 --run-name 'a b' --resume ck/last.pt"
 
 
@@ -290,7 +292,7 @@ def test_corrupt_checkpoints_one_line_error_and_fallback(straight, tmp_path, cap
     assert f"checkpoint {checkpoint_dir / 'last.pt'} cannot be read" in err and "Traceback" not in err
 
     config = dict(defaults(), dataset="synthetic", checkpoint_dir=str(work / "checkpoints"), resume="latest")
-    assert prep.resolve_resume(config)["epoch"] == 1  # DATASET as trained: a resume refuses another data set
+    assert checkpoints.resolve_resume(config)["epoch"] == 1  # DATASET as trained: a resume refuses another data set
     warning = capsys.readouterr().err
     assert warning.count("\n") == 1 and warning.startswith("warning: ")
     assert all(f"{checkpoint_dir / name} cannot be read" in warning for name in ("last.pt", "best.pt", "epoch_002.pt"))
@@ -331,7 +333,7 @@ def test_non_finite_loss_is_caught_before_the_optimizer_step():
         loss = torch.nn.functional.cross_entropy(logits, labels)
         return loss * float("inf") if len(calls) == 2 else loss
     with pytest.raises(NonFiniteLossError, match=r"in epoch 5, step 2$"):
-        train(model, loader, criterion, optimizer, torch.device("cpu"), epoch=4)
+        train(EagerStep(model, criterion, optimizer), loader, torch.device("cpu"), epoch=4)
     assert optimizer.state_dict()["state"][0]["step"] == 1  # the first step only
     after_first = [p.detach().clone() for p in model.parameters()]
     assert all(torch.isfinite(p).all() for p in after_first)
@@ -350,7 +352,7 @@ def test_non_finite_loss_on_the_gpu_names_the_first_bad_step():
         loss = torch.nn.functional.cross_entropy(logits, labels)
         return loss * float("nan") if len(calls) >= 3 else loss
     with pytest.raises(NonFiniteLossError, match="in epoch 1, step 3 "):
-        train(model, loader, criterion, optimizer, torch.device("cuda"), epoch=0)
+        train(EagerStep(model, criterion, optimizer), loader, torch.device("cuda"), epoch=0)
 
 
 # --- out of memory ---
@@ -385,7 +387,7 @@ def test_a_failed_capture_is_one_line_naming_compile_off_and_keeps_the_checkpoin
     """COMPILE=graph on the CPU with torch.cuda's graph faked (test_cuda_graph.FakeCuda): the 4th step
     (epoch 2, step 2) is captured, and its loss cannot be. The run stops there with one line and
     exit status 2, epoch 1's checkpoint stays whole, and a resume with --compile off finishes the run."""
-    monkeypatch.setattr(prep, "resolve_compile", lambda mode, device, amp: "graph")
+    monkeypatch.setattr(speed, "resolve_compile", lambda mode, device, amp: "graph")
     cuda = FakeCuda().install(monkeypatch)
 
     build = prep.build_criterion

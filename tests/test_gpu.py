@@ -22,6 +22,7 @@ import distributed
 import main_general
 import model_preparation as prep
 import nntrain
+import speed
 import user_input
 from conftest import ROOT, SMOKE_FLAGS, run_main
 from test_speed_paths import coordinate_image, decode, reference_crop
@@ -42,8 +43,8 @@ def cuda_config(synthetic_root: str, **settings) -> dict:
 def train_steps(training: prep.Training, steps: int, epoch: int = 0) -> float:
     """Mean loss of `steps` steps of the run's own loop."""
     data_preprocessing.seed_epoch(training.generator, 0, epoch)
-    return nntrain.train(training.model, training.train_loader, training.criterion, training.optimizer, CUDA, epoch,
-                         steps, channels_last=training.channels_last, step=training.step)[0]
+    return nntrain.train(training.step, training.train_loader, CUDA, epoch, steps,
+                         channels_last=training.speed.channels_last)[0]
 
 
 @pytest.mark.parametrize("amp", ["bf16", "fp16", "fp32"])
@@ -52,7 +53,7 @@ def test_one_step_of_every_model_and_precision(synthetic_root, model, position, 
     torch.manual_seed(0)
     training = prep.build_training(cuda_config(synthetic_root, model=model, lambda_position=position, amp=amp,
                                                compile="off"), CUDA)
-    assert training.channels_last and isinstance(training.train_loader, data_preprocessing.DeviceLoader)
+    assert training.speed.channels_last and isinstance(training.train_loader, data_preprocessing.DeviceLoader)
     assert training.scaler.is_enabled() == (amp == "fp16")
     loss = train_steps(training, 1)
     assert loss == loss and loss < 10  # finite
@@ -88,8 +89,7 @@ def trained(synthetic_root, model: str, position: str, amp: str, mode: str):
     stop = main_general.StopRequest()
     records = [main_general.train_and_evaluate(config, training, CUDA, epoch, stop) for epoch in range(EPOCHS)]
     images, labels = next(iter(training.train_loader))
-    memory_format = torch.channels_last if training.channels_last else torch.contiguous_format
-    training.step(images[:5].contiguous(memory_format=memory_format), labels[:5])  # a last partial batch: eager
+    training.step(images[:5].contiguous(memory_format=training.speed.memory_format), labels[:5])  # a last partial batch: eager
     return training, records, initial
 
 
@@ -164,9 +164,9 @@ def small_batches(count: int, size: int = 8) -> list[tuple[torch.Tensor, torch.T
 
 def test_graphed_step_trains_a_partial_batch_eagerly_and_catches_non_finite_losses():
     """Warm-up on one side stream, the partial batch after the capture on the current stream."""
-    model, optimizer, step = small_graphed_step()
+    _, _, step = small_graphed_step()
     batches = small_batches(6) + small_batches(1, size=3)  # the last one partial
-    nntrain.train(model, batches, None, optimizer, CUDA, 0, step=step)
+    nntrain.train(step, batches, CUDA, 0)
     assert step.graph is not None and step.eager_steps == cuda_graph.WARMUP_STEPS + 1
     streams, current = step.step.streams, torch.cuda.current_stream().cuda_stream
     warm_up, capture, partial = streams[:cuda_graph.WARMUP_STEPS], streams[cuda_graph.WARMUP_STEPS], streams[4:]
@@ -174,7 +174,7 @@ def test_graphed_step_trains_a_partial_batch_eagerly_and_catches_non_finite_loss
     assert capture not in (current, warm_up[0]) and partial == [current]  # torch.cuda.graph's own stream, then ours
     batches[5] = (torch.full((8, 3, 8, 8), float("nan"), device=CUDA), batches[5][1])
     with pytest.raises(nntrain.NonFiniteLossError, match="in epoch 2, step 6 "):
-        nntrain.train(model, batches, None, optimizer, CUDA, 1, step=step)
+        nntrain.train(step, batches, CUDA, 1)
 
 
 def test_replayed_logits_and_loss_outlive_the_next_replay():
@@ -205,11 +205,11 @@ def test_compiled_step_equals_the_eager_step(synthetic_root, position, mode, mon
                                                    amp="fp32", compile=compile_mode), CUDA)
         initial = {key: value.detach().clone() for key, value in distributed.unwrap(training.model).state_dict().items()}
         data_preprocessing.seed_epoch(training.generator, 0, 0)
-        losses = nntrain.train(training.model, training.train_loader, training.criterion, training.optimizer, CUDA, 0,
-                               4, channels_last=training.channels_last, step=training.step)[0]
+        losses = nntrain.train(training.step, training.train_loader, CUDA, 0, 4,
+                               channels_last=training.speed.channels_last)[0]
         runs[compile_mode] = training, losses, initial
     (eager, eager_loss, initial), (compiled, loss, _) = runs["off"], runs[mode]
-    assert compiled.compile == mode and compiled.optimizer.defaults["fused"]
+    assert compiled.speed.compile == mode and compiled.optimizer.defaults["fused"]
     assert loss == pytest.approx(eager_loss, rel=1e-2)
     assert_states_close(distributed.unwrap(compiled.model).state_dict(), eager.model.state_dict(), initial)
     assert_adam_close(compiled.optimizer, eager.optimizer)
@@ -272,7 +272,7 @@ def test_end_to_end_run_resume_and_nntest(tmp_path):
     first = run_main(args, cwd=str(tmp_path))
     assert first.returncode == 0, first.stderr[-3000:]
     log = (tmp_path / "runs" / "Baseline" / "gpu" / "log.txt").read_text()
-    amp = prep.resolve_amp("auto", CUDA)  # bf16 from compute capability 8.0, fp16 (and no graph) below
+    amp = speed.resolve_amp("auto", CUDA)  # bf16 from compute capability 8.0, fp16 (and no graph) below
     assert f"amp {amp}" in log and f"compile {'off' if amp == 'fp16' else 'graph'}" in log
     assert "channels_last True" in log and "device loader True" in log
     resumed = run_main([*args[:-4], "--epochs", "3", "--resume", "latest"], cwd=str(tmp_path))

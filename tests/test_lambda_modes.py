@@ -301,8 +301,8 @@ def test_resume_with_other_lambda_structure_is_refused(tmp_path, flag, value):
     config = user_input.parse_config(["--lambda-position", "conv", flag, value, "--resume", str(path)])
     key = flag[2:].replace("-", "_")
     with pytest.raises(user_input.ConfigError, match=f"{key.upper()}={saved[key]!r}"):
-        prep.resolve_resume(config)
-    assert prep.resolve_resume({**config, key: saved[key]})["path"] == str(path)
+        checkpoints.resolve_resume(config)
+    assert checkpoints.resolve_resume({**config, key: saved[key]})["path"] == str(path)
 
 
 def test_parameter_table_command(tmp_path):

@@ -12,7 +12,6 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import checkpoints
 import main_general
-import model_preparation as prep
 import nntest
 import user_input
 from conftest import SMOKE_FLAGS, refused_settings, run_main, write_cifar100, write_image_folder
@@ -87,7 +86,7 @@ def test_resume_refuses_another_depth_or_data_set(tmp_path, flag, value, message
     torch.save({**dict.fromkeys(checkpoints.CHECKPOINT_KEYS), "config": saved}, path)  # only the config is read
     config = user_input.parse_config(["--model", "baseline", "--dataset", "synthetic", flag, value, "--resume", str(path)])
     with pytest.raises(user_input.ConfigError, match=re.escape(message)):
-        prep.resolve_resume(config)
+        checkpoints.resolve_resume(config)
 
 
 def test_new_settings_are_checked(capsys):

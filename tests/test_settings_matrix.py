@@ -10,9 +10,11 @@ import pytest
 import torch
 import torch.nn as nn
 
+import checkpoints
 import cuda_graph
 import model_preparation as prep
 import nntrain
+import speed
 import user_input
 
 CPU = torch.device("cpu")
@@ -51,12 +53,11 @@ def test_one_training_step_of_every_cpu_setting(synthetic_root, model, position,
     torch.manual_seed(0)
     config = matrix_config(synthetic_root, model, position, stages, channels_last, amp)
     training = prep.build_training(config, CPU)
-    assert training.compile == "off" and training.amp == amp and training.channels_last == (channels_last == "on")
+    assert training.speed == speed.Speed(CPU, amp, channels_last == "on", "off", amp)
     parameters = list(training.model.parameters())
     before = [p.detach().clone() for p in parameters]
-    loss, _, _, img_per_s = nntrain.train(training.model, training.train_loader, training.criterion,
-                                          training.optimizer, CPU, 0, max_batches=1, step=training.step,
-                                          channels_last=training.channels_last)
+    loss, _, _, img_per_s = nntrain.train(training.step, training.train_loader, CPU, 0, max_batches=1,
+                                          channels_last=training.speed.channels_last)
     assert torch.isfinite(torch.tensor(loss)) and img_per_s > 0
     assert all(state["step"] == 1 for state in training.optimizer.state.values())
     assert sum(not torch.equal(a, p) for a, p in zip(before, parameters)) > len(parameters) // 2
@@ -76,7 +77,7 @@ def test_channels_last_converts_the_convolution_weights_only():
     model.table = nn.Parameter(torch.randn(4, 3, 4, 1).permute(0, 2, 1, 3))  # 4-D, in a layout of its own
     strides = model.table.stride()
     model.conv.weight.grad = None
-    prep.to_channels_last(model)
+    speed.to_channels_last(model)
     assert model.conv.weight.is_contiguous(memory_format=torch.channels_last) and not model.conv.weight.is_contiguous()
     assert model.table.stride() == strides
     assert model.embedding.is_contiguous() and isinstance(model.embedding, nn.Parameter)
@@ -91,7 +92,7 @@ def test_channels_last_converts_the_convolution_weights_only():
     ("default", "cpu", "fp32", "default"), ("off", "cuda", "bf16", "off"),
 ])
 def test_compile_setting(setting, device, amp, expected):
-    assert prep.resolve_compile(setting, torch.device(device), amp) == expected
+    assert speed.resolve_compile(setting, torch.device(device), amp) == expected
 
 
 @pytest.mark.parametrize("given, stored", [("true", "default"), ("false", "off"), ("max-autotune", "max-autotune")])
@@ -116,10 +117,10 @@ def test_compiled_step_equals_the_eager_step():
     results = []
     for mode in ("off", "default"):
         config = dict(user_input.defaults(), compile=mode, channels_last="on", amp="fp32")
-        model = prep.speed_up(small_net(), config, CPU)
+        resolved = speed.resolve_speed(config, CPU)
+        model = speed.speed_up(small_net(), config, resolved)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)  # Adam's first step is sign-like: SGD shows the gradient
-        step = prep.training_step(model, nn.CrossEntropyLoss(), optimizer, prep.autocast("fp32", CPU),
-                                  prep.build_scaler("fp32", CPU), mode)
+        step = prep.training_step(model, nn.CrossEntropyLoss(), optimizer, resolved, resolved.scaler())
         logits, loss = step(images, labels)
         results.append((logits, loss, [p.detach().clone() for p in model.parameters()]))
     (eager_logits, eager_loss, eager_weights), (logits, loss, weights) = results
@@ -171,7 +172,7 @@ def test_a_graphed_runs_optimizer_state_restores_into_any_run():
     assert state["param_groups"][0]["capturable"] and isinstance(state["param_groups"][0]["lr"], torch.Tensor)
     fresh_model = small_net()
     fresh = torch.optim.Adam(fresh_model.parameters(), lr=0.5)
-    prep.load_optimizer_state(fresh, state)
+    checkpoints.load_optimizer_state(fresh, state)
     group = fresh.param_groups[0]
     assert group["lr"] == pytest.approx(0.01) and type(group["lr"]) is float and group["capturable"] is False
     fresh_model(torch.randn(2, 3, 8, 8)).sum().backward()

@@ -17,8 +17,8 @@ from torchvision.transforms import functional as TF
 import checkpoints
 import data_preprocessing
 import distributed
-import model_preparation as prep
 import nntrain
+import speed
 import user_input
 from conftest import SMOKE_FLAGS, refused_settings, run_main
 
@@ -134,27 +134,26 @@ def test_build_loaders_device_loader_matches_the_torchvision_test_transform(synt
 def test_amp_auto_picks_bf16_only_where_the_gpu_has_it(capability, expected, monkeypatch):
     cuda = torch.device("cuda")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
-    assert prep.resolve_amp("auto", cuda) == expected
+    assert speed.resolve_amp("auto", cuda) == expected
     major, minor = capability
-    said = prep.describe_amp("auto", expected, cuda)
+    said = speed.describe_amp("auto", expected, cuda)
     if expected == "fp16":  # T4, Turing laptop GPUs: fp16 and its gradient scaler
         assert said == f"amp fp16 with a gradient scaler (auto: compute capability {major}.{minor} has no native bf16)"
     else:
         assert said == f"amp bf16 (auto: compute capability {major}.{minor} has native bf16)"
-    assert prep.describe_amp("fp32", "fp32", cuda) == "amp fp32"  # chosen by hand: no reason to give
+    assert speed.describe_amp("fp32", "fp32", cuda) == "amp fp32"  # chosen by hand: no reason to give
 
 
 def test_amp_settings():
-    assert prep.resolve_amp("auto", CPU) == "fp32"
-    assert prep.describe_amp("auto", "fp32", CPU) == "amp fp32"
-    assert prep.resolve_amp("bf16", CPU) == "bf16"
+    assert speed.resolve_amp("auto", CPU) == "fp32"
+    assert speed.describe_amp("auto", "fp32", CPU) == "amp fp32"
+    assert speed.resolve_amp("bf16", CPU) == "bf16"
     with pytest.raises(user_input.ConfigError, match="AMP=fp16 needs CUDA"):
-        prep.resolve_amp("fp16", CPU)
-    assert not prep.build_scaler("bf16", CPU).is_enabled()
+        speed.resolve_amp("fp16", CPU)
+    assert not speed.Speed(CPU, "bf16", channels_last=False, compile="off").scaler().is_enabled()
 
 
 @pytest.mark.parametrize("argv, expected", [
-    (["--amp", "fp16", "--device", "cpu"], "AMP=fp16 needs CUDA"),
     (["--amp", "half"], "AMP='half' is not one of auto, bf16, fp16, fp32"),
     (["--gpu-loader", "yes"], "GPU_LOADER='yes'"),
     (["--channels-last", "1"], "CHANNELS_LAST='1'"),
@@ -176,17 +175,18 @@ def test_bf16_autocast_reaches_the_model_and_stays_finite():
     model[0].register_forward_hook(lambda module, inputs, output: dtypes.append(output.dtype))
     batches = [(torch.randn(4, 3, 8, 8), torch.arange(4))] * 2
     optimizer = torch.optim.Adam(model.parameters())
-    loss, *_ = nntrain.train(model, batches, nn.CrossEntropyLoss(), optimizer, CPU, 0,
-                             autocast=prep.autocast("bf16", CPU), scaler=prep.build_scaler("bf16", CPU),
-                             channels_last=True)
+    bf16 = speed.Speed(CPU, "bf16", channels_last=True, compile="off")
+    step = nntrain.EagerStep(model, nn.CrossEntropyLoss(), optimizer, bf16.autocast(), bf16.scaler())
+    loss, *_ = nntrain.train(step, batches, CPU, 0, channels_last=bf16.channels_last)
     assert dtypes == [torch.bfloat16] * 2 and np.isfinite(loss)
     assert model[0].weight.dtype == torch.float32  # autocast casts activations, not the weights
 
 
 def test_channels_last_only_where_asked():
     config = dict(user_input.defaults(), channels_last="auto")
-    assert prep.speed_up(tiny_model(), config, CPU)[0].weight.is_contiguous()  # auto: CUDA only
-    model = prep.speed_up(tiny_model(), dict(config, channels_last="on"), CPU)
+    assert speed.speed_up(tiny_model(), config, speed.resolve_speed(config, CPU))[0].weight.is_contiguous()  # auto: CUDA only
+    config["channels_last"] = "on"
+    model = speed.speed_up(tiny_model(), config, speed.resolve_speed(config, CPU))
     assert model[0].weight.is_contiguous(memory_format=torch.channels_last)
     assert not model[0].weight.is_contiguous()
 
@@ -210,7 +210,7 @@ def test_compiled_model_checkpoints_plain_keys():
     optimizer = torch.optim.Adam(fresh.parameters())
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
     state["rng"] = checkpoints.rng_states()
-    prep.restore(state, fresh, optimizer, scheduler)
+    checkpoints.restore(state, fresh, optimizer, scheduler)
     assert torch.equal(distributed.unwrap(fresh)[0].weight, plain[0].weight)
 
 
@@ -218,14 +218,14 @@ def test_scaler_state_is_checkpointed_and_restored():
     model = tiny_model()
     saved = checkpoint_of(model, torch.amp.GradScaler("cpu", init_scale=1024.0))
     assert saved["scaler"]["scale"] == 1024.0
-    assert checkpoint_of(model, prep.build_scaler("fp32", CPU))["scaler"] == {}
+    assert checkpoint_of(model, speed.Speed(CPU, "fp32", channels_last=False, compile="off").scaler())["scaler"] == {}
     optimizer = torch.optim.Adam(model.parameters())
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0)
-    prep.restore(saved, model, optimizer, scheduler, scaler)
+    checkpoints.restore(saved, model, optimizer, scheduler, scaler)
     assert scaler.get_scale() == 1024.0
     saved["scaler"] = {}  # a bf16 run resumed as fp16 keeps the new scaler's initial scale
-    prep.restore(saved, model, optimizer, scheduler, scaler)
+    checkpoints.restore(saved, model, optimizer, scheduler, scaler)
     assert scaler.get_scale() == 1024.0
 
 

@@ -7,7 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import checkpoints
 import model_preparation as prep
+import speed
 from label_smoothing import LabelSmoothingLoss
 from user_input import defaults
 
@@ -59,20 +61,20 @@ def test_build_model_follows_the_config():
 
 
 def test_device_selection():
-    assert prep.select_device("cpu") == torch.device("cpu")
+    assert speed.select_device("cpu") == torch.device("cpu")
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     if expected == "cpu" and torch.backends.mps.is_available():
         expected = "mps"
-    assert prep.select_device("auto").type == expected
+    assert speed.select_device("auto").type == expected
 
 
 def test_resume_compares_only_the_settings_that_shape_the_network():
     lambda_config = dict(defaults(), model="lambda", lambda_position="absolute")
-    assert prep.model_differences(lambda_config, dict(lambda_config, lambda_r=7)) == []  # r: conv only
-    assert prep.model_differences(lambda_config, dict(lambda_config, heads=8)) == ["HEADS=4 (now 8)"]
+    assert checkpoints.model_differences(lambda_config, dict(lambda_config, lambda_r=7)) == []  # r: conv only
+    assert checkpoints.model_differences(lambda_config, dict(lambda_config, heads=8)) == ["HEADS=4 (now 8)"]
     conv = dict(lambda_config, lambda_position="conv", lambda_r=23)
-    assert prep.model_differences(conv, dict(conv, lambda_r=7)) == ["LAMBDA_R=23 (now 7)"]
+    assert checkpoints.model_differences(conv, dict(conv, lambda_r=7)) == ["LAMBDA_R=23 (now 7)"]
     baseline = dict(defaults(), model="baseline")
-    assert prep.model_differences(baseline, dict(baseline, heads=8, lambda_position="conv")) == []
-    assert prep.model_differences(baseline, dict(baseline, stem="cifar")) == ["STEM='imagenet' (now 'cifar')"]
-    assert prep.model_differences(baseline, lambda_config) == ["MODEL='baseline' (now 'lambda')"]
+    assert checkpoints.model_differences(baseline, dict(baseline, heads=8, lambda_position="conv")) == []
+    assert checkpoints.model_differences(baseline, dict(baseline, stem="cifar")) == ["STEM='imagenet' (now 'cifar')"]
+    assert checkpoints.model_differences(baseline, lambda_config) == ["MODEL='baseline' (now 'lambda')"]

@@ -9,8 +9,8 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+import checkpoints
 import data_preprocessing as data
-import model_preparation as prep
 import user_input
 from conftest import SMOKE_FLAGS, refused_settings, run_main, write_cifar100, write_image_folder
 from log_data import read_metrics
@@ -90,12 +90,12 @@ def test_a_validation_set_as_large_as_the_training_set_is_one_line_exit_2(tmp_pa
 def test_resume_refuses_another_split(tmp_path):
     saved = user_input.parse_config(["--val-size", "500"])
     path = tmp_path / "last.pt"
-    torch.save({**dict.fromkeys(prep.checkpoints.CHECKPOINT_KEYS), "config": saved}, path)  # only the config is read
+    torch.save({**dict.fromkeys(checkpoints.CHECKPOINT_KEYS), "config": saved}, path)  # only the config is read
     for flags, named in ((["--val-size", "0"], "VAL_SIZE=500"), (["--val-size", "500", "--seed", "1"], "SEED=0")):
         config = user_input.parse_config([*flags, "--resume", str(path)])
         with pytest.raises(user_input.ConfigError, match=f"another validation split.*{named}"):
-            prep.resolve_resume(config)
-    assert prep.resolve_resume(user_input.parse_config(["--val-size", "500", "--resume", str(path)]))["path"] == str(path)
+            checkpoints.resolve_resume(config)
+    assert checkpoints.resolve_resume(user_input.parse_config(["--val-size", "500", "--resume", str(path)]))["path"] == str(path)
 
 
 def test_best_checkpoint_and_summary_follow_validation(tmp_path):
