@@ -1,5 +1,6 @@
-"""Checkpoint files and resuming from them: what a checkpoint holds, crash-safe writes, loading,
-finding a run's newest one, whether its settings fit this run's, and restoring its state."""
+"""A run's folders and checkpoints, and resuming from them: claiming a new run's folders, what a
+checkpoint holds, crash-safe writes, loading, finding a run's newest one, whether its settings fit
+this run's, and restoring its state."""
 from __future__ import annotations
 
 import glob
@@ -9,6 +10,7 @@ import re
 import shlex
 import shutil
 import sys
+from datetime import datetime
 
 import numpy as np
 import torch
@@ -19,10 +21,70 @@ from model_preparation import shaping_keys
 from user_input import ConfigError, defaults
 
 
+# --- a run's folders ---
+
 def model_folder(config: dict) -> str:
     """"Baseline" or "Lambda": the per-model folder under RUNS_DIR and CHECKPOINT_DIR."""
     return config["model"].capitalize()
 
+
+def check_writable(path: str, key: str) -> None:
+    """ConfigError unless `path` is, or can be created in, a writable folder."""
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key.upper()}={path!r} cannot be written: {existing} is not a writable folder; "
+                          f"choose another --{key.replace('_', '-')}")
+
+
+def _claim(run_dir: str, checkpoint_dir: str) -> bool:
+    """Create both folders; False (and nothing left behind) if either exists already."""
+    try:
+        os.makedirs(run_dir)
+    except FileExistsError:
+        return False
+    try:
+        os.makedirs(checkpoint_dir)
+    except OSError as error:
+        os.rmdir(run_dir)
+        if isinstance(error, FileExistsError):
+            return False
+        raise
+    return True
+
+
+def claim_run_dirs(config: dict, resuming: bool) -> tuple[str, str]:
+    """(run dir, checkpoint dir) of this run. A new run never reuses an existing directory: its
+    name is free only if neither folder exists, and mkdir claims it atomically."""
+    folder = model_folder(config)
+    name = config["run_name"] or datetime.now().strftime("%Y%m%d-%H%M%S")
+
+    def paths(name: str) -> tuple[str, str]:
+        return os.path.join(config["runs_dir"], folder, name), os.path.join(config["checkpoint_dir"], folder, name)
+
+    try:
+        if resuming:
+            for path in paths(name):
+                os.makedirs(path, exist_ok=True)
+        else:
+            for suffix in range(1, 1000):  # two runs started in the same second get -2, -3, ...
+                candidate = name if suffix == 1 else f"{name}-{suffix}"
+                if _claim(*paths(candidate)):
+                    break
+                if config["run_name"]:
+                    raise ConfigError(f"run {name} already exists in {config['runs_dir']} or "
+                                      f"{config['checkpoint_dir']}; choose another --run-name "
+                                      f"or continue it with --resume latest")
+            name = candidate
+    except OSError as error:
+        raise ConfigError(f"cannot create the run's folders ({error.strerror}: {error.filename}); "
+                          f"check --runs-dir and --checkpoint-dir") from None
+    config["run_name"] = name
+    return paths(name)
+
+
+# --- checkpoint files ---
 
 def rng_states() -> dict:
     states = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}

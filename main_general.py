@@ -6,14 +6,11 @@ Settings come from user_input.py, overridden by flags (`--help` lists them). Wat
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import random
 import signal
 import sys
-import threading
 import time
-from datetime import datetime
 
 import numpy as np
 import torch
@@ -27,7 +24,7 @@ import speed
 from cuda_graph import CaptureError
 from log_data import RunLogger
 from nntest import evaluate_confusion
-from nntrain import NonFiniteLossError, TrainingInterrupted, train
+from nntrain import NonFiniteLossError, StopRequest, TrainingInterrupted, out_of_memory_message, stop_on_signals, train
 from user_input import ConfigError, parse_config
 
 PROG = "main_general.py"
@@ -37,103 +34,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def check_writable(path: str, key: str) -> None:
-    """ConfigError unless `path` is, or can be created in, a writable folder."""
-    existing = os.path.abspath(path)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"{key.upper()}={path!r} cannot be written: {existing} is not a writable folder; "
-                          f"choose another --{key.replace('_', '-')}")
-
-
-def _claim(run_dir: str, checkpoint_dir: str) -> bool:
-    """Create both folders; False (and nothing left behind) if either exists already."""
-    try:
-        os.makedirs(run_dir)
-    except FileExistsError:
-        return False
-    try:
-        os.makedirs(checkpoint_dir)
-    except OSError as error:
-        os.rmdir(run_dir)
-        if isinstance(error, FileExistsError):
-            return False
-        raise
-    return True
-
-
-def claim_run_dirs(config: dict, resuming: bool) -> tuple[str, str]:
-    """(run dir, checkpoint dir) of this run. A new run never reuses an existing directory: its
-    name is free only if neither folder exists, and mkdir claims it atomically."""
-    folder = checkpoints.model_folder(config)
-    name = config["run_name"] or datetime.now().strftime("%Y%m%d-%H%M%S")
-
-    def paths(name: str) -> tuple[str, str]:
-        return os.path.join(config["runs_dir"], folder, name), os.path.join(config["checkpoint_dir"], folder, name)
-
-    try:
-        if resuming:
-            for path in paths(name):
-                os.makedirs(path, exist_ok=True)
-        else:
-            for suffix in range(1, 1000):  # two runs started in the same second get -2, -3, ...
-                candidate = name if suffix == 1 else f"{name}-{suffix}"
-                if _claim(*paths(candidate)):
-                    break
-                if config["run_name"]:
-                    raise ConfigError(f"run {name} already exists in {config['runs_dir']} or "
-                                      f"{config['checkpoint_dir']}; choose another --run-name "
-                                      f"or continue it with --resume latest")
-            name = candidate
-    except OSError as error:
-        raise ConfigError(f"cannot create the run's folders ({error.strerror}: {error.filename}); "
-                          f"check --runs-dir and --checkpoint-dir") from None
-    config["run_name"] = name
-    return paths(name)
-
-
-class StopRequest:
-    """Set by the first SIGINT or SIGTERM: training stops before its next step. A second signal
-    acts at once (KeyboardInterrupt, or the default SIGTERM)."""
-
-    def __init__(self):
-        self.event = threading.Event()
-        self.signal = None
-        self.resume_from = ""  # the checkpoint a stop resumes from, once there is one
-        self.owner = os.getpid()
-
-    def name(self) -> str:
-        """The signal that stopped the run, as the messages name it."""
-        if self.signal is not None:
-            return self.signal.name
-        return "a signal to another rank" if distributed.distributed() else "SIGINT"
-
-    def handle(self, signum, frame) -> None:
-        if os.getpid() != self.owner:  # a forked DataLoader worker
-            if signum == signal.SIGTERM:  # as without this handler: the DataLoader ends stuck workers so
-                signal.signal(signum, signal.SIG_DFL)
-                os.kill(os.getpid(), signum)
-            return  # Ctrl-C reaches the whole process group: the main process decides
-        self.signal = signal.Signals(signum)
-        self.event.set()
-        signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
-        os.write(2, f"\n{PROG}: {self.signal.name}: stopping before the next training step "
-                    f"(send it again to stop at once)\n".encode())
-
-
-@contextlib.contextmanager
-def stop_on_signals():
-    """A StopRequest that SIGINT and SIGTERM set while the block runs."""
-    stop = StopRequest()
-    previous = {signum: signal.signal(signum, stop.handle) for signum in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield stop
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
 
 
 class SilentLogger:
@@ -162,7 +62,8 @@ def run(config: dict, stop: StopRequest) -> None:
     training = prep.build_training(config, device)
     start_epoch, best = checkpoints.restore_training(checkpoint, training)
     # rank 0 names the run (a timestamp) and creates its folders; the other ranks take that name
-    run_dir, checkpoint_dir = distributed.from_main(lambda: claim_run_dirs(config, resuming=checkpoint is not None))
+    run_dir, checkpoint_dir = distributed.from_main(
+        lambda: checkpoints.claim_run_dirs(config, resuming=checkpoint is not None))
     config["run_name"] = os.path.basename(run_dir)
     stop.resume_from = checkpoints.first_checkpoint(checkpoint_dir, checkpoint, training, best, config)
     logger = RunLogger(run_dir, start_epoch) if distributed.is_main() else SilentLogger()
@@ -179,8 +80,8 @@ def run(config: dict, stop: StopRequest) -> None:
 
 def prepare_device(config: dict) -> torch.device:
     """The run's device, once its folders are known to be writable; under torchrun this rank's."""
-    check_writable(config["runs_dir"], "runs_dir")
-    check_writable(config["checkpoint_dir"], "checkpoint_dir")
+    checkpoints.check_writable(config["runs_dir"], "runs_dir")
+    checkpoints.check_writable(config["checkpoint_dir"], "checkpoint_dir")
     device = speed.select_device(config["device"])
     return distributed.init_distributed(device) if distributed.launched_by_torchrun() else device
 
@@ -216,17 +117,6 @@ def stopped_line(error: BaseException, config: dict, stop: StopRequest) -> str:
     if isinstance(error, torch.OutOfMemoryError):
         return f"stopped: {out_of_memory_message(config)}"
     return f"stopped: {error}"
-
-
-def out_of_memory_message(config: dict) -> str:
-    """One line for a device out of memory: the batch size and the memory the card has."""
-    card = "the device"
-    if config["device"] != "cpu" and torch.cuda.is_available():
-        properties = torch.cuda.get_device_properties(torch.cuda.current_device())
-        card = f"the {properties.name} ({properties.total_memory / 2 ** 30:.1f} GiB)"
-    smaller = max(config["batch_size"] // 2, 1)
-    return (f"out of memory: BATCH_SIZE={config['batch_size']} does not fit on {card}; try --batch-size {smaller} "
-            f"(the last checkpoint is intact)")
 
 
 def train_epochs(config: dict, training: prep.Training, device: torch.device, start_epoch: int, best: dict,
@@ -298,7 +188,7 @@ def train_and_evaluate(config: dict, training: prep.Training, device: torch.devi
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     config = parse_config(argv, prog=PROG)
-    with stop_on_signals() as stop:
+    with stop_on_signals(PROG) as stop:
         try:
             run(config, stop)
         except ConfigError as error:  # printed by every rank: it may be one rank's own

@@ -1,8 +1,11 @@
-"""One epoch of training: the step (forward, loss, backward, optimizer step) and the loop around it."""
+"""One epoch of training: the step (forward, loss, backward, optimizer step), the loop around it, and
+how it stops early (a SIGINT or SIGTERM, a non-finite loss, a device out of memory)."""
 from __future__ import annotations
 
 import contextlib
 import math
+import os
+import signal
 import threading
 import time
 
@@ -22,6 +25,59 @@ class NonFiniteLossError(RuntimeError):
 
 class TrainingInterrupted(Exception):
     """`stop` was set (by SIGINT or SIGTERM); the message says where training stopped."""
+
+
+def out_of_memory_message(config: dict) -> str:
+    """One line for a device out of memory: the batch size and the memory the card has."""
+    card = "the device"
+    if config["device"] != "cpu" and torch.cuda.is_available():
+        properties = torch.cuda.get_device_properties(torch.cuda.current_device())
+        card = f"the {properties.name} ({properties.total_memory / 2 ** 30:.1f} GiB)"
+    smaller = max(config["batch_size"] // 2, 1)
+    return (f"out of memory: BATCH_SIZE={config['batch_size']} does not fit on {card}; try --batch-size {smaller} "
+            f"(the last checkpoint is intact)")
+
+
+class StopRequest:
+    """Set by the first SIGINT or SIGTERM: training stops before its next step. A second signal
+    acts at once (KeyboardInterrupt, or the default SIGTERM)."""
+
+    def __init__(self, prog: str):
+        self.prog = prog  # the script the messages name
+        self.event = threading.Event()
+        self.signal = None
+        self.resume_from = ""  # the checkpoint a stop resumes from, once there is one
+        self.owner = os.getpid()
+
+    def name(self) -> str:
+        """The signal that stopped the run, as the messages name it."""
+        if self.signal is not None:
+            return self.signal.name
+        return "a signal to another rank" if distributed.distributed() else "SIGINT"
+
+    def handle(self, signum, frame) -> None:
+        if os.getpid() != self.owner:  # a forked DataLoader worker
+            if signum == signal.SIGTERM:  # as without this handler: the DataLoader ends stuck workers so
+                signal.signal(signum, signal.SIG_DFL)
+                os.kill(os.getpid(), signum)
+            return  # Ctrl-C reaches the whole process group: the main process decides
+        self.signal = signal.Signals(signum)
+        self.event.set()
+        signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
+        os.write(2, f"\n{self.prog}: {self.signal.name}: stopping before the next training step "
+                    f"(send it again to stop at once)\n".encode())
+
+
+@contextlib.contextmanager
+def stop_on_signals(prog: str):
+    """A StopRequest that SIGINT and SIGTERM set while the block runs."""
+    stop = StopRequest(prog)
+    previous = {signum: signal.signal(signum, stop.handle) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def synchronize(device: torch.device) -> None:

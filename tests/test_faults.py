@@ -23,7 +23,7 @@ import main_general
 import model_preparation as prep
 import speed
 from conftest import ROOT, SMOKE_FLAGS
-from nntrain import EagerStep, NonFiniteLossError, train
+from nntrain import EagerStep, NonFiniteLossError, out_of_memory_message, train
 from test_cuda_graph import CAPTURE_ERROR, FakeCuda
 from user_input import ConfigError, defaults
 
@@ -376,7 +376,7 @@ def test_out_of_memory_names_the_cards_memory(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: properties)
-    message = main_general.out_of_memory_message(dict(defaults(), batch_size=512, device="auto"))
+    message = out_of_memory_message(dict(defaults(), batch_size=512, device="auto"))
     assert message == ("out of memory: BATCH_SIZE=512 does not fit on the NVIDIA T1000 (4.0 GiB); "
                        "try --batch-size 256 (the last checkpoint is intact)")
 
@@ -489,14 +489,14 @@ def test_runs_started_in_the_same_second_get_their_own_folders(tmp_path, monkeyp
         def now():
             from datetime import datetime
             return datetime(2026, 11, 24, 10, 15, 0)
-    monkeypatch.setattr(main_general, "datetime", FrozenClock)
+    monkeypatch.setattr(checkpoints, "datetime", FrozenClock)
     config = dict(defaults(), runs_dir=str(tmp_path / "runs"), checkpoint_dir=str(tmp_path / "checkpoints"))
     (tmp_path / "checkpoints" / "Lambda" / "20261124-101500-3").mkdir(parents=True)  # its run folder was deleted
     claimed, errors = [], []
 
     def claim():
         try:
-            claimed.append(main_general.claim_run_dirs(dict(config), resuming=False))
+            claimed.append(checkpoints.claim_run_dirs(dict(config), resuming=False))
         except Exception as error:  # noqa: BLE001 - reported below
             errors.append(error)
     threads = [threading.Thread(target=claim) for _ in range(6)]
@@ -518,5 +518,5 @@ def test_claim_refuses_a_taken_run_name_without_creating_anything(tmp_path):
                   run_name="mine")
     (tmp_path / "checkpoints" / "Lambda" / "mine").mkdir(parents=True)
     with pytest.raises(ConfigError, match="run mine already exists"):
-        main_general.claim_run_dirs(config, resuming=False)
+        checkpoints.claim_run_dirs(config, resuming=False)
     assert not (tmp_path / "runs" / "Lambda" / "mine").exists()

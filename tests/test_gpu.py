@@ -21,6 +21,7 @@ import data_preprocessing
 import distributed
 import main_general
 import model_preparation as prep
+import nntest
 import nntrain
 import speed
 import user_input
@@ -78,16 +79,29 @@ def drift(tensors, eager, reference) -> float:
     return ((flat(tensors) - flat(eager)).norm() / flat(reference).norm().clamp_min(1e-12)).item()
 
 
+def run_epoch(config: dict, training: prep.Training, epoch: int) -> dict:
+    """An epoch as main_general.py trains it: the learning rate read first (a device tensor under the
+    graph), the training epoch, the evaluation, the schedule's step."""
+    data_preprocessing.seed_epoch(training.generator, config["seed"], epoch, training.train_loader)
+    lr = float(training.optimizer.param_groups[0]["lr"])
+    train_loss = nntrain.train(training.step, training.train_loader, CUDA, epoch,
+                               channels_last=training.speed.channels_last)[0]
+    test_loss, test_acc, _ = nntest.evaluate_confusion(training.model, training.test_loader, training.criterion, CUDA,
+                                                       autocast=training.speed.autocast(),
+                                                       channels_last=training.speed.channels_last)
+    training.scheduler.step()
+    return {"lr": lr, "train_loss": train_loss, "test_loss": test_loss, "test_acc": test_acc}
+
+
 def trained(synthetic_root, model: str, position: str, amp: str, mode: str):
-    """(training, epoch records, initial state_dict): EPOCHS epochs of main_general's own epoch
-    (train, evaluate, scheduler.step) from seed 0, then one eager step on a partial batch."""
+    """(training, epoch records, initial state_dict): EPOCHS epochs (run_epoch) from seed 0, then one
+    eager step on a partial batch."""
     config = cuda_config(synthetic_root, model=model, lambda_position=position, amp=amp, compile=mode, epochs=EPOCHS,
                          warmup_epochs=1)
     torch.manual_seed(0)
     training = prep.build_training(config, CUDA)
     initial = {key: value.detach().clone() for key, value in training.model.state_dict().items()}
-    stop = main_general.StopRequest()
-    records = [main_general.train_and_evaluate(config, training, CUDA, epoch, stop) for epoch in range(EPOCHS)]
+    records = [run_epoch(config, training, epoch) for epoch in range(EPOCHS)]
     images, labels = next(iter(training.train_loader))
     training.step(images[:5].contiguous(memory_format=training.speed.memory_format), labels[:5])  # a last partial batch: eager
     return training, records, initial
