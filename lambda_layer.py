@@ -53,9 +53,15 @@ import torch.nn.functional as F
 POSITIONS = ("absolute", "relative", "conv")
 
 
+def check_position(position: str) -> None:
+    if position not in POSITIONS:
+        raise ValueError(f"position={position!r} is not one of {', '.join(POSITIONS)}")
+
+
 def make_position_embedding(size: tuple[int, int] | None, dim_k: int, dim_u: int = 1,
                             position: str = "absolute", r: int | None = None) -> nn.Parameter:
     """E ~ N(0, 1) as in the paper: (n, m, k, u), (2H-1, 2W-1, k, u) or conv kernel (k, u, 1, r, r)."""
+    check_position(position)  # before any allocation (an unknown mode would get an absolute-sized E)
     if position == "conv":
         return nn.Parameter(torch.randn(dim_k, dim_u, 1, r, r))
     height, width = size
@@ -136,8 +142,7 @@ class LambdaLayer(nn.Module):
     @staticmethod
     def _checked_size(position: str, r: int | None, size) -> tuple[int, int] | None:
         """(H, W), or None for "conv" without a size; refuses arguments that do not fit the mode."""
-        if position not in POSITIONS:
-            raise ValueError(f"position={position!r} is not one of {', '.join(POSITIONS)}")
+        check_position(position)
         if position == "conv":
             if r is None or r < 1 or r % 2 == 0:
                 raise ValueError(f"position='conv' needs an odd local context size r >= 1, got r={r}")

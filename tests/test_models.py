@@ -95,6 +95,14 @@ def test_heads_must_divide_the_widths():
         lambda_resnet50(heads=3)
 
 
+def test_an_unknown_position_is_refused_before_any_embedding_is_drawn(monkeypatch):
+    drawn = []
+    monkeypatch.setattr(torch, "randn", lambda *shape, **kwargs: drawn.append(shape))
+    with pytest.raises(ValueError, match="position='axial' is not one of absolute, relative, conv"):
+        lambda_resnet50(position="axial")
+    assert drawn == []
+
+
 @pytest.mark.parametrize("build", [resnet.resnet50, lambda_resnet50], ids=["baseline", "lambda"])
 def test_batchnorm_uses_pytorch_momentum(build):
     """The reproduction passed TensorFlow's decay 0.9999 as PyTorch's momentum (weight of the new batch)."""
