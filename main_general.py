@@ -139,8 +139,8 @@ def train_epochs(config: dict, training: prep.Training, device: torch.device, st
             logger.lambdas(epoch + 1, lambda_diagnostics.content_position_shares(training.model, probe),
                            lambda_diagnostics.position_figure(training.model, f"epoch {epoch + 1}"))
         if distributed.is_main():
-            checkpoints.save_checkpoints(checkpoints.training_checkpoint(training, epoch + 1, best, config), checkpoint_dir, improved,
-                                         config["checkpoint_every"])
+            state = checkpoints.training_checkpoint(training, epoch + 1, best, config)
+            checkpoints.save_checkpoints(state, checkpoint_dir, improved, config["checkpoint_every"])
         if distributed.any_rank(stop.event.is_set())[0] and epoch + 1 < config["epochs"]:
             raise TrainingInterrupted(f"epoch {epoch + 2}, before its first step")
 
@@ -166,8 +166,8 @@ def train_and_evaluate(config: dict, training: prep.Training, device: torch.devi
     data_preprocessing.seed_epoch(training.generator, config["seed"], epoch, training.train_loader, distributed.rank())
     lr = float(training.optimizer.param_groups[0]["lr"])  # a device tensor under COMPILE=graph
     train_loss, train_acc, train_time, img_per_s = train(training.step, training.train_loader, device, epoch,
-                                                         config["max_batches"], channels_last=training.speed.channels_last,
-                                                         stop=stop.event)
+                                                         config["max_batches"], stop=stop.event,
+                                                         channels_last=training.speed.channels_last)
     test_start = time.perf_counter()
     distributed.sync_buffers(training.model)  # under torchrun: every rank evaluates rank 0's BatchNorm statistics
     evaluated = distributed.unwrap(training.model) if distributed.distributed() else training.model

@@ -23,10 +23,10 @@ from unittest.mock import patch
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks import models  # noqa: E402
 import model_preparation as prep  # noqa: E402
 import speed  # noqa: E402
 import user_input  # noqa: E402
+from benchmarks import models  # noqa: E402
 from nntrain import synchronize  # noqa: E402
 
 

@@ -13,8 +13,8 @@ import distributed
 import model_preparation as prep
 import user_input
 from benchmarks.measuring import measure
-from speed import resolve_speed, speed_up
 from lambda_layer import POSITIONS
+from speed import resolve_speed, speed_up
 from user_input import ConfigError
 
 

@@ -20,10 +20,10 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks import models  # noqa: E402
 import speed  # noqa: E402
-from user_input import ConfigError  # noqa: E402
+from benchmarks import models  # noqa: E402
 from nntrain import synchronize  # noqa: E402
+from user_input import ConfigError  # noqa: E402
 
 
 def self_time_us(event, on_device: bool) -> float:
