@@ -1,4 +1,4 @@
-"""Every figure of the project, drawn with matplotlib: line charts (compare_runs.py, benchmark.py)
+"""Every figure of the project, drawn with matplotlib: line charts (run_comparison.py, benchmark.py)
 and confusion matrices (nntest.py, and TensorBoard through log_data.RunLogger).
 
 Figures are built with matplotlib's object-oriented API on an Agg canvas (Figure + FigureCanvasAgg),

@@ -1,5 +1,5 @@
-"""compare_runs.py (table, plot, run discovery, errors), figures.line_chart, and a real smoke run
-read back by compare_runs.py, nntest.py and TensorBoard."""
+"""compare_runs.py and run_comparison.py (table, plot, run discovery, errors), figures.line_chart,
+and a real smoke run read back by compare_runs.py, nntest.py and TensorBoard."""
 from __future__ import annotations
 
 import json
@@ -12,6 +12,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import compare_runs
 import nntest
+import run_comparison
 import user_input
 from conftest import SMOKE_FLAGS, run_main
 from figures import DPI, PALETTE, Panel, Series, line_chart
@@ -111,24 +112,24 @@ def test_single_runs_are_groups_of_one_and_too_few_to_tell(tmp_path, capsys):
 
 def test_data_dir_splits_groups_only_for_image_folders(tmp_path):
     runs = tmp_path / "runs"
-    cifar = [compare_runs.Run(path) for path in seeded_runs(runs, "baseline", [50.0, 60.0])]
+    cifar = [run_comparison.Run(path) for path in seeded_runs(runs, "baseline", [50.0, 60.0])]
     cifar[1].config["data_dir"] = "/elsewhere"
-    folders = [compare_runs.Run(path) for path in seeded_runs(runs, "lambda", [50.0, 60.0], dataset="folder")]
+    folders = [run_comparison.Run(path) for path in seeded_runs(runs, "lambda", [50.0, 60.0], dataset="folder")]
     folders[1].config["data_dir"] = "/other_images"
-    assert [len(group.runs) for group in compare_runs.group_runs(cifar + folders)] == [2, 1, 1]
+    assert [len(group.runs) for group in run_comparison.group_runs(cifar + folders)] == [2, 1, 1]
 
 
 def test_groups_are_paired_where_they_differ_in_one_setting(tmp_path):
     runs = tmp_path / "runs"
-    found = [compare_runs.Run(path) for model in ("baseline", "lambda") for depth in (26, 50)
+    found = [run_comparison.Run(path) for model in ("baseline", "lambda") for depth in (26, 50)
              for path in seeded_runs(runs, model, [50.0, 60.0], depth=depth)]
-    found += [compare_runs.Run(path) for path in seeded_runs(runs, "lambda", [50.0], lambda_position="relative",
+    found += [run_comparison.Run(path) for path in seeded_runs(runs, "lambda", [50.0], lambda_position="relative",
                                                               depth=50)]
-    groups = compare_runs.group_runs(found)
+    groups = run_comparison.group_runs(found)
     assert [(group.label, len(group.runs)) for group in groups] == [
         ("baseline depth=26", 2), ("baseline depth=50", 2), ("lambda depth=26 lambda_position=absolute", 2),
         ("lambda depth=50 lambda_position=absolute", 2), ("lambda depth=50 lambda_position=relative", 1)]
-    paired = [(a.label.split()[0] + str(a.settings["depth"]), b.label) for a, b in compare_runs.pairs(groups)]
+    paired = [(a.label.split()[0] + str(a.settings["depth"]), b.label) for a, b in run_comparison.pairs(groups)]
     assert paired == [("baseline26", "baseline depth=50"), ("baseline26", "lambda depth=26 lambda_position=absolute"),
                       ("baseline50", "lambda depth=50 lambda_position=absolute"),
                       ("baseline50", "lambda depth=50 lambda_position=relative"),
@@ -137,9 +138,9 @@ def test_groups_are_paired_where_they_differ_in_one_setting(tmp_path):
 
 
 def test_time_axis_unit_and_total_time_format():
-    assert compare_runs.time_unit(90) == ("s", 1.0) and compare_runs.time_unit(205) == ("min", 60.0)
-    assert compare_runs.time_unit(4 * 3600) == ("h", 3600.0)
-    assert compare_runs.format_time(4649) == "1 h 17 m 29 s" and compare_runs.format_time(59.6) == "1 m 00 s"
+    assert run_comparison.time_unit(90) == ("s", 1.0) and run_comparison.time_unit(205) == ("min", 60.0)
+    assert run_comparison.time_unit(4 * 3600) == ("h", 3600.0)
+    assert run_comparison.format_time(4649) == "1 h 17 m 29 s" and run_comparison.format_time(59.6) == "1 m 00 s"
 
 
 def test_default_is_the_newest_run_of_each_model(tmp_path, capsys):
@@ -240,10 +241,10 @@ def test_a_folder_run_whose_images_are_gone_still_compares(tmp_path, capsys):
 
 
 def test_group_curve_is_the_mean_per_epoch_with_a_min_max_or_std_band(tmp_path):
-    runs = [compare_runs.Run(path) for path in seeded_runs(tmp_path / "runs", "lambda", [70.0, 74.0, 78.0])]
+    runs = [run_comparison.Run(path) for path in seeded_runs(tmp_path / "runs", "lambda", [70.0, 74.0, 78.0])]
     runs[2].records.append(record(3, 90.0, 10, 2, 300))  # one run is an epoch further
-    (group,) = compare_runs.group_runs(runs)
-    minmax, std = compare_runs.curve(group, "test_acc"), compare_runs.curve(group, "test_acc", band="std")
+    (group,) = run_comparison.group_runs(runs)
+    minmax, std = run_comparison.curve(group, "test_acc"), run_comparison.curve(group, "test_acc", band="std")
     assert minmax.epochs == [1, 2, 3] and minmax.elapsed_s == [12.0, 34.0, 46.0]
     assert minmax.mean == [10.0, 74.0, 90.0] and minmax.low == [10.0, 70.0, 90.0] and minmax.high == [10.0, 78.0, 90.0]
     assert std.low == pytest.approx([10.0, 70.0, 90.0]) and std.high == pytest.approx([10.0, 78.0, 90.0])  # std 4
@@ -252,9 +253,9 @@ def test_group_curve_is_the_mean_per_epoch_with_a_min_max_or_std_band(tmp_path):
 @pytest.mark.parametrize("band, low, high, words", [("minmax", 70.0, 78.0, "min-max"),
                                                     ("std", 74.0 - 4.0, 74.0 + 4.0, "mean ± 1 std")])
 def test_plot_draws_each_groups_mean_with_a_band_and_names_the_band(tmp_path, band, low, high, words):
-    runs = [compare_runs.Run(path) for path in seeded_runs(tmp_path / "runs", "baseline", [60.0, 61.0])
+    runs = [run_comparison.Run(path) for path in seeded_runs(tmp_path / "runs", "baseline", [60.0, 61.0])
             + seeded_runs(tmp_path / "runs", "lambda", [70.0, 74.0, 78.0])]
-    figure = compare_runs.plot(compare_runs.group_runs(runs), str(tmp_path / "c.png"), band)
+    figure = run_comparison.plot(run_comparison.group_runs(runs), str(tmp_path / "c.png"), band)
     assert words in figure.get_suptitle() and (tmp_path / "c.png").is_file()
     accuracy = figure.axes[0]  # accuracy against epoch
     lines = accuracy.get_lines()  # in series order: baseline test, train, lambda test, train
