@@ -17,7 +17,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from unittest.mock import patch
 
 import torch
@@ -27,7 +26,7 @@ import model_preparation as prep  # noqa: E402
 import speed  # noqa: E402
 import user_input  # noqa: E402
 from benchmarks import models  # noqa: E402
-from nntrain import synchronize  # noqa: E402
+from benchmarks.measuring import timed  # noqa: E402
 
 
 def layer_module_at(commit: str):
@@ -87,12 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     times: dict[str, list[float]] = {name: [] for name in steps}
     for round_ in range(2 + args.rounds):
         for name, step in steps.items():
-            synchronize(device)
-            start = time.perf_counter()
-            step()
-            synchronize(device)
+            _, seconds = timed(step, device)
             if round_ >= 2:
-                times[name].append(time.perf_counter() - start)
+                times[name].append(seconds)
     baseline = statistics.median(times["baseline"])
     lines = [f"ResNet-50, {args.stem} stem, batch {args.batch_size}, {device}, AMP {amp}, {torch.get_num_threads()} threads, "
              f"{args.rounds} rounds (median, min-max); load average {os.getloadavg()[0]:.2f} at the end", "",

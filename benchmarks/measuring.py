@@ -68,13 +68,7 @@ def measure(step, device: torch.device, warmup: int, iters: int, static: list) -
     """Median seconds of `step()` after `warmup` calls, and the peak memory of one more call."""
     for _ in range(warmup):
         step()
-    times = []
-    for _ in range(iters):
-        synchronize(device)
-        start = time.perf_counter()
-        step()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
+    times = [timed(step, device)[1] for _ in range(iters)]
     gc.collect()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

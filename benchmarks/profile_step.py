@@ -14,7 +14,6 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -22,7 +21,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import speed  # noqa: E402
 from benchmarks import models  # noqa: E402
-from nntrain import synchronize  # noqa: E402
+from benchmarks.measuring import timed  # noqa: E402
 from user_input import ConfigError  # noqa: E402
 
 
@@ -36,15 +35,9 @@ def profile_model(name: str, step, args, device: torch.device) -> list[str]:
     on_device = device.type == "cuda"
     for _ in range(3):  # warm-up: cuDNN autotuning, allocator
         step()
-    walls = []
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_device else [])
     with profile(activities=activities) as prof:
-        for _ in range(args.steps):
-            synchronize(device)
-            start = time.perf_counter()
-            step()
-            synchronize(device)
-            walls.append(time.perf_counter() - start)
+        walls = [timed(step, device)[1] for _ in range(args.steps)]
     if on_device:
         kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
         busy_us = sum(e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total for e in kernels)
