@@ -14,7 +14,7 @@ import resnet_lambda
 from benchmarks.measuring import count_kernels, measure
 from benchmarks.models import benchmark_model, model_config, model_variants
 from resnet import STAGE_WIDTHS
-from speed import switched_on
+from speed import resolve_speed
 
 
 def network_mixers(model: nn.Module, config: dict) -> dict:
@@ -61,11 +61,12 @@ def step_kernels(model: nn.Module, args, device: torch.device) -> int:
     return count_kernels(lambda: F.cross_entropy(model(images), labels).backward())
 
 
-def benchmark_mixer(mixer: nn.Module, key: tuple, args, device: torch.device) -> dict:
-    """Time (median ms) and kernel count of one mixer's forward + backward at the model batch."""
+def benchmark_mixer(mixer: nn.Module, key: tuple, args, device: torch.device,
+                    memory_format: torch.memory_format) -> dict:
+    """Time (median ms) and kernel count of one mixer's forward + backward at the model batch, its
+    input in the run's memory format."""
     width, size, stride = key
     mixer = mixer.to(device).train()
-    memory_format = torch.channels_last if switched_on(args.channels_last, device) else torch.contiguous_format
     x = torch.randn(args.batch_size, width, size, size, device=device).contiguous(memory_format=memory_format)
     x.requires_grad_(True)
     step = mixer_step(mixer, x, torch.randn_like(mixer(x)))  # the gradient in the output's layout
@@ -83,10 +84,11 @@ def mixer_rows(args, device: torch.device) -> tuple[list[dict], dict]:
         torch.manual_seed(0)
         model = prep.build_model(config)
         name = "conv" if variant["model"] == "baseline" else f"lambda_{variant['lambda_position']}"
+        memory_format = resolve_speed(config, device).memory_format
         per_step[name] = step_kernels(model, args, device)
         for key, (mixer, blocks) in network_mixers(model, config).items():
             row = rows.setdefault(key, {"width": key[0], "size": key[1], "stride": key[2], "blocks": blocks})
-            measured = benchmark_mixer(mixer, key, args, device)
+            measured = benchmark_mixer(mixer, key, args, device, memory_format)
             row[f"{name}_ms"], row[f"{name}_kernels"] = measured["ms"], measured["kernels"]
             print(f"mixer {key} {name}: {measured['ms']:.2f} ms, {measured['kernels']} kernels", flush=True)
         del model
